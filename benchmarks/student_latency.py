@@ -1,0 +1,61 @@
+"""CPU inference latency of our DistilBERT vs transformers.DistilBertModel with the same weights.
+
+    python benchmarks/student_latency.py [--config "distilbert-base-uncased (66M)"] [--repeats 20]
+
+Prints the median latency (ms) at batch 1 and 32, sequence 128, for both, and ours/theirs ratios.
+Both run in the same process, interleaved, under torch.inference_mode, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+from students import DistilBERTModel, create_model_config
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="distilbert-base-uncased (66M)")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+
+    config = create_model_config(args.config)
+    ours = DistilBERTModel(config).eval()
+    theirs = transformers.DistilBertModel(config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"attn {theirs.config._attn_implementation}, config {args.config!r}, seq {args.seq}")
+    for B in args.batches:
+        ids = torch.randint(1000, config.vocab_size, (B, args.seq))
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            a = b = None
+            # Interleave rounds so drift in machine load affects both equally.
+            rounds_a, rounds_b = [], []
+            for _ in range(3):
+                rounds_a.append(median_ms(lambda: ours(ids, mask), max(3, args.repeats // 3 if B > 1 else args.repeats)))
+                rounds_b.append(median_ms(lambda: theirs(input_ids=ids, attention_mask=mask),
+                                          max(3, args.repeats // 3 if B > 1 else args.repeats)))
+            a, b = statistics.median(rounds_a), statistics.median(rounds_b)
+        print(f"batch {B:3d}: ours {a:8.2f} ms   transformers {b:8.2f} ms   ratio {a / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()
