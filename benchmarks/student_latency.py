@@ -45,15 +45,14 @@ def main() -> None:
     for B in args.batches:
         ids = torch.randint(1000, config.vocab_size, (B, args.seq))
         mask = torch.ones_like(ids)
+        ours_fn = lambda: ours(ids, mask)  # noqa: E731
+        theirs_fn = lambda: theirs(input_ids=ids, attention_mask=mask)  # noqa: E731
+        repeats = args.repeats if B == 1 else max(3, args.repeats // 3)
         with torch.inference_mode():
-            a = b = None
-            # Interleave rounds so drift in machine load affects both equally.
-            rounds_a, rounds_b = [], []
-            for _ in range(3):
-                rounds_a.append(median_ms(lambda: ours(ids, mask), max(3, args.repeats // 3 if B > 1 else args.repeats)))
-                rounds_b.append(median_ms(lambda: theirs(input_ids=ids, attention_mask=mask),
-                                          max(3, args.repeats // 3 if B > 1 else args.repeats)))
-            a, b = statistics.median(rounds_a), statistics.median(rounds_b)
+            # Three interleaved rounds, so drift in machine load affects both implementations alike.
+            rounds = [(median_ms(ours_fn, repeats), median_ms(theirs_fn, repeats)) for _ in range(3)]
+        a = statistics.median(r[0] for r in rounds)
+        b = statistics.median(r[1] for r in rounds)
         print(f"batch {B:3d}: ours {a:8.2f} ms   transformers {b:8.2f} ms   ratio {a / b:.3f}")
 
 
