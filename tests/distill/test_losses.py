@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import (
+    VocabLossWeights,
+    attention_kl_loss,
+    cosine_loss,
+    fused_vocab_losses,
+    hidden_mse_loss,
+    logit_mse_loss,
+    mlm_loss,
+    soft_target_loss,
+)
+
+
+def test_soft_target_loss_matches_reference_formula():
+    s, t = torch.randn(7, 11), torch.randn(7, 11)
+    T = 2.0
+    # The reference: KLDivLoss(reduction="batchmean")(log_softmax(s/T), softmax(t/T)) * T^2
+    ref = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T**2
+    torch.testing.assert_close(soft_target_loss(s, t, T), ref)
+    assert soft_target_loss(t, t, T).abs() < 1e-6
+    torch.testing.assert_close(soft_target_loss(s, t, T, normalizer=14), ref / 2)
+
+
+def test_mlm_loss_ignores_unlabelled_rows():
+    s = torch.randn(5, 9)
+    labels = torch.tensor([3, -100, 1, -100, 8])
+    torch.testing.assert_close(mlm_loss(s, labels), F.cross_entropy(s[[0, 2, 4]], labels[[0, 2, 4]]))
+
+
+def test_cosine_loss_over_real_tokens_only():
+    h = torch.randn(2, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]).bool()
+    other = h.clone()
+    other[0, 2:] = torch.randn(2, 8)  # padding differs: must not count
+    assert cosine_loss(h, other, mask).abs() < 1e-6
+    flipped = h.clone()
+    flipped[1, 0] = -h[1, 0]
+    assert math.isclose(cosine_loss(flipped, h, mask).item(), 2 / 5, rel_tol=1e-5)
+
+
+def test_hidden_and_logit_mse_and_attention_kl():
+    h, g = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    torch.testing.assert_close(hidden_mse_loss(h, g, mask), F.mse_loss(h, g))
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    torch.testing.assert_close(logit_mse_loss(s, t), F.mse_loss(s, t, reduction="sum") / 3)
+    a = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    assert attention_kl_loss(a, a, mask).abs() < 1e-6
+    assert attention_kl_loss(torch.softmax(torch.randn(2, 2, 3, 3), -1), a, mask) > 0
+    with pytest.raises(ValueError, match="head counts"):
+        attention_kl_loss(a[:, :1], a, mask)
+
+
+@pytest.mark.parametrize("alphas", [(5.0, 2.0, 0.0), (1.0, 0.0, 0.5), (0.0, 1.0, 0.0)])
+def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
+    monkeypatch.setattr("distill.losses._chunk_rows", lambda V: 3)  # force several chunks
+    N, C, Ct, V = 10, 6, 5, 23
+    h = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    h_t, W_t, b_t = torch.randn(N, Ct, dtype=torch.float64), torch.randn(V, Ct, dtype=torch.float64), torch.randn(V, dtype=torch.float64)
+    labels = torch.full((N,), -100)
+    labels[[1, 4, 5, 9]] = torch.tensor([3, 0, 22, 7])
+    w = VocabLossWeights(*alphas, temperature=2.0)
+    n_ce, n_mlm = 13.0, 6.0  # "global" counts larger than local ones, as with several processes
+    total, ce, mlm, mse = fused_vocab_losses(h, W, b, h_t, W_t, b_t, labels, w, n_ce, n_mlm)
+    total.backward()
+    fused_grads = [x.grad.clone() for x in (h, W, b)]
+    for x in (h, W, b):
+        x.grad = None
+    s, t = h @ W.t() + b, h_t @ W_t.t() + b_t
+    ref_ce, ref_mlm, ref_mse = soft_target_loss(s, t, 2.0, n_ce), mlm_loss(s, labels, n_mlm), logit_mse_loss(s, t, n_ce)
+    ref = w.alpha_ce * ref_ce + w.alpha_mlm * ref_mlm + w.alpha_mse * ref_mse
+    ref.backward()
+    torch.testing.assert_close(total.double(), ref.double(), atol=1e-5, rtol=1e-5)
+    for got, exp in zip(fused_grads, (h.grad, W.grad, b.grad)):
+        torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
+    if alphas[0]:
+        torch.testing.assert_close(ce.double(), ref_ce.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_without_grad_returns_values_only():
+    h, W, b = torch.randn(4, 3), torch.randn(9, 3), torch.randn(9)
+    with torch.no_grad():
+        total, *_ = fused_vocab_losses(h, W, b, h, W, b, torch.tensor([1, -100, 2, -100]),
+                                       VocabLossWeights(1.0, 1.0, 0.0, 1.0), 4, 2)
+    assert total.item() > 0 and not total.requires_grad
