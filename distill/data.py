@@ -144,8 +144,11 @@ def _hash(*parts: Any) -> str:
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Stable identity of a tokenizer's vocabulary and normalisation (datasets' own hashing of a tokenizer
     object is not stable across calls, so the map cache key is built from this instead)."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return _hash(type(tokenizer).__name__, vocab, tokenizer.backend_tokenizer.to_str()[:100_000])
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    # Truncation and padding are per-call state that transformers sets and resets; the rest is identity.
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return _hash(type(tokenizer).__name__, json.dumps(spec, sort_keys=True))
 
 
 def corpus_identity(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

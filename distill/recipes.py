@@ -58,9 +58,11 @@ class StudentConfig:
     preset: str | None = None  # a students.PRESETS name; default: derived from the teacher
     n_layers: int | None = None  # default: half the teacher's
     layers: list[int] | None = None  # teacher layers copied into the student; default: reference choice
+    dropout: float | None = None  # hidden and attention dropout; default: DistilBERT's 0.1
 
     def __post_init__(self) -> None:
         _check(self.n_layers is None or self.n_layers > 0, "student.n_layers", "must be > 0")
+        _check(self.dropout is None or 0 <= self.dropout < 1, "student.dropout", "must be in [0, 1)")
         if self.layers is not None and self.n_layers is not None:
             _check(len(self.layers) == self.n_layers, "student.layers", "must list student.n_layers layers")
 

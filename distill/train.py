@@ -43,7 +43,7 @@ from distill.losses import VocabLossWeights, attention_kl_loss, cosine_loss, fus
 from distill.masking import MLMCollator
 from distill.recipes import LossConfig, Recipe, RecipeError
 from students.config import config_from_teacher, create_model_config
-from students.init import init_from_teacher
+from students.init import default_layers, init_from_teacher
 from students.modeling import DistilBERTForMaskedLM
 from students.tokenizer import get_tokenizer
 from teachers.adapt import adapt_teacher
@@ -159,15 +159,21 @@ def build_teacher(recipe: Recipe, tokenizer, corpus, accelerator: Accelerator) -
 
 
 def build_student(recipe: Recipe, teacher: Teacher) -> DistilBERTForMaskedLM:
+    """The student the recipe asks for, with its dropout setting applied."""
+    student = _initial_student(recipe, teacher)
+    if recipe.student.dropout is not None:
+        student.config.dropout = student.config.attention_dropout = recipe.student.dropout
+        for m in student.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = recipe.student.dropout
+    return student
+
+
+def _initial_student(recipe: Recipe, teacher: Teacher) -> DistilBERTForMaskedLM:
     scfg = recipe.student
     if scfg.init == "teacher":
         n = scfg.n_layers or max(1, teacher.num_layers // 2)
-        layers = scfg.layers
-        if layers is None:
-            from students.init import default_layers
-
-            layers = default_layers(teacher.num_layers, n)
-        return init_from_teacher(teacher, layers)
+        return init_from_teacher(teacher, scfg.layers or default_layers(teacher.num_layers, n))
     if scfg.init == "random":
         config = (create_model_config(scfg.preset) if scfg.preset
                   else config_from_teacher(teacher.config, n_layers=scfg.n_layers))

@@ -1,0 +1,63 @@
+import pytest
+
+from distill.recipes import Recipe, RecipeError, resolve
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_repository_recipes_resolve():
+    wiki = resolve("recipes/wiki.yaml")
+    assert wiki.teacher.name_or_path == "minilm" and wiki.loss.alpha_ce == 5.0
+    big = resolve("recipes/bert-base-wikipedia.yaml")
+    assert big.teacher.name_or_path == "bert-base-uncased" and big.student.n_layers == 6
+    assert big.train.batch_size * big.train.grad_accum == 4096
+    assert big.loss.alpha_mlm == wiki.loss.alpha_mlm  # inherited
+
+
+def test_unknown_key_names_closest(tmp_path):
+    p = write(tmp_path, "r.yaml", "train:\n  max_step: 3\n")
+    with pytest.raises(RecipeError, match="unknown recipe key 'train.max_step'; did you mean 'max_steps'"):
+        resolve(p)
+
+
+def test_types_are_checked(tmp_path):
+    p = write(tmp_path, "r.yaml", "train:\n  lr: fast\n")
+    with pytest.raises(RecipeError, match="train.lr must be a number"):
+        resolve(p)
+    with pytest.raises(RecipeError, match="choose one of"):
+        resolve(write(tmp_path, "m.yaml", "train:\n  mixed_precision: fp8\n"))
+    with pytest.raises(RecipeError, match="train.max_steps must be > 0"):
+        resolve(write(tmp_path, "z.yaml", "train:\n  max_steps: 0\n"))
+
+
+def test_extends_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "output_dir: a\ntrain:\n  max_steps: 10\n  lr: 1e-3\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\ntrain:\n  max_steps: 20\n")
+    r = resolve(child, ["train.batch_size=4", "loss.layer_map=[[1, 2], [2, 4]]"])
+    assert (r.output_dir, r.train.max_steps, r.train.lr, r.train.batch_size) == ("a", 20, 1e-3, 4)
+    assert r.loss.layer_map == [[1, 2], [2, 4]]
+    with pytest.raises(RecipeError, match="must be an integer"):
+        resolve(child, ["train.batch_size=4.5"])
+    with pytest.raises(RecipeError, match="key.path=value"):
+        resolve(child, ["train.batch_size"])
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = resolve("recipes/wiki.yaml", ["train.max_steps=7"])
+    again = resolve(write(tmp_path, "resolved.yaml", r.to_yaml()))
+    assert again == r and isinstance(again, Recipe)
+
+
+def test_cycles_and_missing_files(tmp_path):
+    write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="extends itself"):
+        resolve(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="not found"):
+        resolve(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        resolve(write(tmp_path, "bad.yaml", "train: [\n"))
