@@ -335,7 +335,9 @@ def train_loader(ds: datasets.Dataset, sampler: GlobalBatchSampler, collate_fn, 
         batch_sampler=_SliceSampler(sampler.iterate(start_batch), rank, world),
         collate_fn=collate_fn,
         num_workers=num_workers,
-        persistent_workers=False,
+        # Its own generator: creating the iterator must not draw from the global RNG, which holds the
+        # dropout stream that a resumed run restores from its checkpoint.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

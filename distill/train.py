@@ -386,15 +386,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 signum = stop.signum or signal.SIGTERM
                 logger.warning("signal %d: checkpoint saved at step %d; exiting", signum, step)
                 raise SystemExit(128 + signum)
+        bar.close()
+        export = run_dir / "student"
+        if accelerator.is_main_process:
+            raw_student.save_pretrained(export)
+            tokenizer.save_pretrained(export)
+        accelerator.wait_for_everyone()
     finally:
         bar.close()
         stop.restore()
-        accelerator.end_training()
-
-    export = run_dir / "student"
-    if accelerator.is_main_process:
-        raw_student.save_pretrained(export)
-        tokenizer.save_pretrained(export)
-    accelerator.wait_for_everyone()
+        accelerator.end_training()  # also tears down the process group
     return {"step": step, "student": student_eval, "teacher": teacher_eval, "export": str(export),
             "corpus": corpus.stats}

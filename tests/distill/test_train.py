@@ -1,0 +1,167 @@
+"""End-to-end tests of the distiller on tiny random models and a slice of the offline corpus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from distill import train as train_mod
+from distill.recipes import resolve
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    e.pop("OMP_NUM_THREADS", None)
+    return e
+
+
+def recipe(teacher, out, *overrides):
+    return resolve(TINY, [f"teacher.name_or_path={teacher}", f"output_dir={out}", *overrides])
+
+
+def weights(run_dir, step):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
+           f"output_dir={out}", "train.max_steps=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 4 and 0 <= summary["student"]["mlm_accuracy"] <= 1
+    export = out / "student"
+    model = transformers.AutoModelForMaskedLM.from_pretrained(export)
+    assert isinstance(model, transformers.DistilBertForMaskedLM) and model.config.n_layers == 2
+    fill = transformers.pipeline("fill-mask", model=str(export), tokenizer=str(export), device="cpu")
+    assert len(fill("the capital of france is [MASK].")) == 5
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("tokens_per_s" in r for r in records) and any("eval/student_mlm_accuracy" in r for r in records)
+    assert (out / "recipe.yaml").exists()
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Send this process SIGTERM during the `call`-th teacher forward (as a scheduler or Ctrl-C would)."""
+    real = train_mod.teacher_tensors
+    calls = []
+
+    def signalling(*a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "teacher_tensors", signalling)
+
+
+def test_resume_is_exact(tiny_teacher_dir, tmp_path, monkeypatch):
+    # grad_accum 2 and dropout on: the data position and the RNG states must both be restored.
+    common = ["train.max_steps=6", "train.grad_accum=2", "train.save_every=100", "train.eval_every=100",
+              "loss.alpha_mse=0.5"]
+    train_mod.train(recipe(tiny_teacher_dir, tmp_path / "a", *common))
+    interrupt_at(monkeypatch, call=5)  # during step 3 (two micro-batches per step)
+    with pytest.raises(SystemExit):
+        train_mod.train(recipe(tiny_teacher_dir, tmp_path / "b", *common))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-00000003"]
+    train_mod.train(recipe(tiny_teacher_dir, tmp_path / "b", *common))
+    a, b = weights(tmp_path / "a", 6), weights(tmp_path / "b", 6)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    assert not torch.equal(a["student.distilbert.embeddings.LayerNorm.weight"],
+                           weights(tmp_path / "b", 3)["student.distilbert.embeddings.LayerNorm.weight"])
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la[6] == pytest.approx(lb[6], rel=1e-6)
+
+
+def test_resume_refuses_a_different_recipe(tiny_teacher_dir, tmp_path):
+    train_mod.train(recipe(tiny_teacher_dir, tmp_path / "r", "train.max_steps=3"))
+    with pytest.raises(ValueError, match="different recipe.*train.lr"):
+        train_mod.train(recipe(tiny_teacher_dir, tmp_path / "r", "train.max_steps=6", "train.lr=1e-3"))
+
+
+def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
+    args = [str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
+            "student.dropout=0.0", "train.eval_every=100"]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    p1 = subprocess.run([sys.executable, "distill/run.py", *args, f"output_dir={one}"], cwd=ROOT, env=env(),
+                        capture_output=True, text=True, timeout=600)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29533", "distill/run.py", *args, f"output_dir={two}"]
+    p2 = subprocess.run(launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                        timeout=600)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    # Two processes really ran: each saved its own RNG state.
+    assert {p.name for p in (two / "checkpoints" / "step-00000004").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    l1, l2 = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    for s in l1:
+        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1, l2)
+    w1, w2 = weights(one, 4), weights(two, 4)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, tmp_path, monkeypatch):
+    real = train_mod.fused_vocab_losses
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        total, *rest = real(*a, **k)
+        return (total * float("nan") if len(calls) == 5 else total), *rest
+
+    monkeypatch.setattr(train_mod, "fused_vocab_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 5.*step-00000003"):
+        train_mod.train(recipe(tiny_teacher_dir, tmp_path / "nan", "train.max_steps=6"))
+    ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003"]
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan", 3).values())
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tiny_teacher_dir, tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, call=2)
+    with pytest.raises(SystemExit) as e:
+        train_mod.train(recipe(tiny_teacher_dir, tmp_path / "sig", "train.max_steps=6", "train.save_every=100"))
+    assert e.value.code == 128 + signal.SIGTERM
+    state = json.loads((tmp_path / "sig" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_sise=3", "unknown recipe key 'train.batch_sise'; did you mean 'batch_size'"),
+    ("teacher.name_or_path=./missing-teacher", "directory not found"),
+    ("data.files=[nope.jsonl]", "data.source"),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
+    cmd = [sys.executable, "distill/run.py", str(TINY), override, f"output_dir={tmp_path / 'x'}"]
+    if override.startswith("data.files"):
+        cmd += ["data.source=files", "teacher.name_or_path=./missing-teacher"]
+        message = "nope.jsonl"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
