@@ -84,6 +84,28 @@ class VocabLossWeights:
     alpha_mlm: float
     alpha_mse: float
     temperature: float
+    compile: bool = False  # fuse the soft-target arithmetic with torch.compile (needs a C++ compiler on CPU)
+
+
+def soft_target_rows(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tempered logits s = s/T, t = t/T (n, V): per-row KL(p || q) (n,) and q - p (n, V), where
+    p = softmax(t), q = softmax(s), using KL = sum_v p_v (t_v - s_v) - lse(t) + lse(s)."""
+    p = torch.softmax(t, dim=-1)
+    kl = (p * (t - s)).sum(-1) - torch.logsumexp(t, dim=-1) + torch.logsumexp(s, dim=-1)
+    return kl, torch.softmax(s, dim=-1) - p
+
+
+_compiled_soft_target_rows = None
+
+
+def _soft_target_rows_fn(compile: bool):
+    global _compiled_soft_target_rows
+    if not compile:
+        return soft_target_rows
+    if _compiled_soft_target_rows is None:
+        # One fused loop instead of ~10 memory passes over (n, V); dynamic: the last chunk is shorter.
+        _compiled_soft_target_rows = torch.compile(soft_target_rows, dynamic=True)
+    return _compiled_soft_target_rows
 
 
 def _chunk_rows(vocab_size: int) -> int:
@@ -96,51 +118,64 @@ class _FusedVocabLosses(torch.autograd.Function):
     """alpha_ce * soft_target_loss + alpha_mlm * mlm_loss + alpha_mse * logit_mse_loss, computed from
     the student's transformed rows h (N, C) and its projection (W, b) in row chunks, with the teacher's
     logits produced chunk by chunk too. The (N, V) logits are never materialised; gradients for h, W, b
-    are formed in the forward pass, chunk by chunk (as Liger-Kernel's fused linear cross-entropy)."""
+    are formed in the forward pass, chunk by chunk (as Liger-Kernel's fused linear cross-entropy).
+
+    Per row, with s' = s/T, t' = t/T, p = softmax(t'), q = softmax(s'):
+        KL(p || q) = sum_v p_v (t'_v - s'_v) - lse(t') + lse(s'),   d(T^2 KL)/ds = T (q - p)
+    (`soft_target_rows`; optionally compiled into one fused loop, since on CPU these elementwise passes
+    over (n, V), not the matmuls, dominate the step)."""
 
     @staticmethod
     def forward(ctx, h, W, b, h_t, W_t, b_t, labels, weights: VocabLossWeights, n_ce, n_mlm):
         T = weights.temperature
         need_grad = any(ctx.needs_input_grad[:3])
         dtype = h.dtype
-        Wc, W_tc = W.to(dtype), W_t.to(h_t.dtype)
+        Wc, bc = W.to(dtype), b.to(dtype)
+        W_tc, b_tc = W_t.to(h_t.dtype), b_t.to(h_t.dtype)
         grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
         grad_W = torch.zeros_like(W, dtype=torch.float32) if need_grad else None
         grad_b = torch.zeros_like(b, dtype=torch.float32) if need_grad else None
         sums = torch.zeros(3, dtype=torch.float32, device=h.device)  # ce, mlm, mse
+        ce_scale = T * weights.alpha_ce / n_ce  # d(a_ce * T^2 KL / n_ce)/ds = ce_scale * (q - p)
         step = _chunk_rows(W.size(0))
+        soft_target = _soft_target_rows_fn(weights.compile)
         for i in range(0, h.size(0), step):
             hc = h[i : i + step]
-            s = torch.addmm(b.float(), hc, Wc.t()).float() if dtype == torch.float32 else (
-                (hc @ Wc.t()).float() + b.float())  # (n, V)
-            t = (h_t[i : i + step] @ W_tc.t()).float() + b_t.float()  # (n, V)
-            g = torch.zeros_like(s) if need_grad else None
+            s = torch.addmm(bc, hc, Wc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = s / T
+            t = torch.addmm(b_tc, h_t[i : i + step], W_tc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = t / T
+            g, scale = None, 1.0  # the chunk's logit gradient is scale * g
             if weights.alpha_ce:
-                log_q = F.log_softmax(s / T, dim=-1)
-                log_p = F.log_softmax(t / T, dim=-1)
-                p = log_p.exp()
-                sums[0] += (p * (log_p - log_q)).sum() * T * T
+                kl, q_minus_p = soft_target(s, t)  # (n,), (n, V)
+                sums[0] += kl.sum() * T * T
                 if need_grad:
-                    g += (log_q.exp() - p) * (T * weights.alpha_ce / n_ce)
+                    g, scale = q_minus_p, ce_scale
             lab = labels[i : i + step]
             keep = lab != -100
             if weights.alpha_mlm and bool(keep.any()):
-                log_s = F.log_softmax(s[keep], dim=-1)
-                sums[1] += -log_s.gather(1, lab[keep, None]).sum()
+                log_s = F.log_softmax(s[keep] * T, dim=-1)  # (k, V), the student at T = 1
+                target = lab[keep]
+                sums[1] += -log_s.gather(1, target[:, None]).sum()
                 if need_grad:
-                    gm = log_s.exp()
-                    gm[torch.arange(gm.size(0), device=gm.device), lab[keep]] -= 1
-                    g[keep] += gm * (weights.alpha_mlm / n_mlm)
+                    gm = log_s.exp_()
+                    gm[torch.arange(gm.size(0), device=gm.device), target] -= 1
+                    if g is None:
+                        g, scale = torch.zeros_like(s), weights.alpha_mlm / n_mlm
+                    g[keep] += gm * (weights.alpha_mlm / n_mlm / scale)
             if weights.alpha_mse:
-                diff = s - t
+                diff = (s - t) * T
                 sums[2] += (diff * diff).sum()
                 if need_grad:
-                    g += diff * (2 * weights.alpha_mse / n_ce)
+                    if g is None:
+                        g, scale = torch.zeros_like(s), 2 * weights.alpha_mse / n_ce
+                    g += diff * (2 * weights.alpha_mse / n_ce / scale)
             if need_grad:
+                if g is None:
+                    grad_h[i : i + step] = 0
+                    continue
                 gc = g.to(dtype)
-                grad_h[i : i + step] = gc @ Wc
-                grad_W += (gc.t() @ hc).float()
-                grad_b += g.sum(0)
+                grad_h[i : i + step] = (gc @ Wc).float().mul_(scale)
+                grad_W.addmm_(gc.t().float(), hc.float(), alpha=scale)
+                grad_b.add_(g.sum(0), alpha=scale)
         ce, mlm, mse = sums[0] / n_ce, sums[1] / n_mlm, sums[2] / n_ce
         total = weights.alpha_ce * ce + weights.alpha_mlm * mlm + weights.alpha_mse * mse
         if need_grad:

@@ -157,6 +157,7 @@ class TrainConfig:
     seed: int = 56
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     num_workers: int = 0
+    compile_loss: bool = True  # torch.compile the fused soft-target arithmetic (~2x faster loss on CPU)
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20

@@ -77,14 +77,14 @@ class DistillationModel(nn.Module):
     """
 
     def __init__(self, student: DistilBERTForMaskedLM, teacher_dim: int, cfg: LossConfig,
-                 pairs: dict[str, list[tuple[int, int]]]):
+                 pairs: dict[str, list[tuple[int, int]]], compile_loss: bool = False):
         super().__init__()
         self.student, self.cfg, self.pairs = student, cfg, pairs
         dim = student.config.dim
         self.projections = nn.ModuleList(
             [nn.Linear(dim, teacher_dim) if dim != teacher_dim else nn.Identity() for _ in pairs["hidden"]]
         ) if cfg.alpha_hidden_mse else nn.ModuleList()
-        self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature)
+        self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature, compile_loss)
 
     def forward(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, t: dict[str, Any],
                 counts: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -275,7 +275,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     teacher = build_teacher(recipe, tokenizer, corpus, accelerator)
     student = build_student(recipe, teacher)
     pairs = layer_pairs(tcfg, student.config.n_layers, teacher.num_layers)
-    model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs)
+    model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs, cfg.compile_loss)
     counts = (token_counts(corpus.train, len(tokenizer), recipe.data.frequency_count_tokens)
               if recipe.masking.smoothing else None)
     collator = MLMCollator(tokenizer, recipe.masking, counts)

@@ -90,3 +90,16 @@ def test_fused_without_grad_returns_values_only():
         total, *_ = fused_vocab_losses(h, W, b, h, W, b, torch.tensor([1, -100, 2, -100]),
                                        VocabLossWeights(1.0, 1.0, 0.0, 1.0), 4, 2)
     assert total.item() > 0 and not total.requires_grad
+
+
+@pytest.mark.slow
+def test_compiled_soft_target_matches_eager():
+    from distill.losses import _soft_target_rows_fn, soft_target_rows
+
+    s, t = torch.randn(7, 301), torch.randn(7, 301)
+    kl, g = soft_target_rows(s, t)
+    ckl, cg = _soft_target_rows_fn(True)(s, t)
+    torch.testing.assert_close(ckl, kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cg, g, atol=1e-6, rtol=1e-5)
+    ref = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none").sum(-1)
+    torch.testing.assert_close(kl, ref, atol=1e-5, rtol=1e-5)
