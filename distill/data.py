@@ -51,7 +51,7 @@ def load_wiki_summaries() -> datasets.Dataset:
     )
 
 
-def _file_format(files: list[str]) -> str:
+def file_format(files: list[str]) -> str:
     suffixes = {Path(f).suffix.lower() for f in files}
     formats = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     unknown = suffixes - set(formats)
@@ -74,7 +74,7 @@ def load_documents(cfg: DataConfig, streaming: bool | None = None) -> datasets.D
         missing = [f for f in cfg.files if not Path(f).exists()]
         if missing:
             raise FileNotFoundError(f"data file {missing[0]} not found (data.files)")
-        ds = datasets.load_dataset(_file_format(cfg.files), data_files=list(cfg.files), split="train",
+        ds = datasets.load_dataset(file_format(cfg.files), data_files=list(cfg.files), split="train",
                                    streaming=streaming)
     else:
         ds = datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, streaming=streaming)
@@ -383,3 +383,45 @@ def eval_batches(ds: datasets.Dataset, batch_size: int, n_batches: int, seed: in
         [{"input_ids": ds[i]["input_ids"], "seed": example_seed(seed + 1, 0, i)} for i in idx[j : j + batch_size]]
         for j in range(0, n, batch_size)
     ]
+
+
+# ---------------------------------------------------------------------------------------------- seed API
+class MLMDataset(torch.utils.data.Dataset):
+    """In-memory texts for MLM: each text tokenized ([CLS] ... [SEP]) and split into pieces of at most
+    max_length tokens (never dropped). Items are {"input_ids", "seed"}; `MLMCollator` masks them."""
+
+    def __init__(self, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int = 128, seed: int = 0):
+        self.sequences = tokenize_and_chunk({"text": list(texts)}, tokenizer, max_length, packing=False)["input_ids"]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Masks are redrawn per epoch (the seed API's loaders call this for you)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.sequences[i], "seed": example_seed(self.seed, self.epoch, i)}
+
+
+class _EpochLoader(torch.utils.data.DataLoader):
+    """A DataLoader that advances its dataset's epoch (fresh masks) at every pass."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+        return it
+
+
+def create_mlm_dataloader(texts: list[str], tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                          mask_probability: float = 0.15, max_length: int = 128, shuffle: bool = True,
+                          seed: int = 0) -> torch.utils.data.DataLoader:
+    """Batches {input_ids, attention_mask, labels (-100 where no prediction)} with dynamic masking."""
+    from distill.masking import MLMCollator
+    from distill.recipes import MaskingConfig
+
+    dataset = MLMDataset(texts, tokenizer, max_length, seed)
+    collator = MLMCollator(tokenizer, MaskingConfig(probability=mask_probability, smoothing=0.0))
+    return _EpochLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
+                        generator=torch.Generator().manual_seed(seed))

@@ -36,9 +36,9 @@ class AdaptConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0, "teacher.adapt.steps", "must be >= 0")
-        _check(self.batch_size > 0, "teacher.adapt.batch_size", "must be > 0")
-        _check(self.lr > 0 and self.head_lr > 0, "teacher.adapt.lr", "learning rates must be > 0")
+        require(self.steps >= 0, "teacher.adapt.steps", "must be >= 0")
+        require(self.batch_size > 0, "teacher.adapt.batch_size", "must be > 0")
+        require(self.lr > 0 and self.head_lr > 0, "teacher.adapt.lr", "learning rates must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -61,10 +61,10 @@ class StudentConfig:
     dropout: float | None = None  # hidden and attention dropout; default: DistilBERT's 0.1
 
     def __post_init__(self) -> None:
-        _check(self.n_layers is None or self.n_layers > 0, "student.n_layers", "must be > 0")
-        _check(self.dropout is None or 0 <= self.dropout < 1, "student.dropout", "must be in [0, 1)")
+        require(self.n_layers is None or self.n_layers > 0, "student.n_layers", "must be > 0")
+        require(self.dropout is None or 0 <= self.dropout < 1, "student.dropout", "must be in [0, 1)")
         if self.layers is not None and self.n_layers is not None:
-            _check(len(self.layers) == self.n_layers, "student.layers", "must list student.n_layers layers")
+            require(len(self.layers) == self.n_layers, "student.layers", "must list student.n_layers layers")
 
 
 @dataclass(kw_only=True)
@@ -88,13 +88,13 @@ class DataConfig:
     frequency_count_tokens: int = 10_000_000  # tokens counted for masking smoothing
 
     def __post_init__(self) -> None:
-        _check(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
-        _check(0 < self.validation_fraction < 0.5, "data.validation_fraction", "must be in (0, 0.5)")
-        _check(self.num_proc >= 1, "data.num_proc", "must be >= 1")
+        require(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
+        require(0 < self.validation_fraction < 0.5, "data.validation_fraction", "must be in (0, 0.5)")
+        require(self.num_proc >= 1, "data.num_proc", "must be >= 1")
         if self.source == "hub":
-            _check(bool(self.name), "data.name", "is required when data.source is 'hub'")
+            require(bool(self.name), "data.name", "is required when data.source is 'hub'")
         if self.source == "files":
-            _check(bool(self.files), "data.files", "must list at least one file when data.source is 'files'")
+            require(bool(self.files), "data.files", "must list at least one file when data.source is 'files'")
 
 
 @dataclass(kw_only=True)
@@ -107,11 +107,11 @@ class MaskingConfig:
     smoothing: float = 0.7  # selection weight count^-smoothing (Sanh et al.); 0 = uniform
 
     def __post_init__(self) -> None:
-        _check(0 < self.probability < 1, "masking.probability", "must be in (0, 1)")
-        _check(self.mask_fraction >= 0 and self.random_fraction >= 0, "masking.mask_fraction", "must be >= 0")
-        _check(self.mask_fraction + self.random_fraction <= 1, "masking.random_fraction",
+        require(0 < self.probability < 1, "masking.probability", "must be in (0, 1)")
+        require(self.mask_fraction >= 0 and self.random_fraction >= 0, "masking.mask_fraction", "must be >= 0")
+        require(self.mask_fraction + self.random_fraction <= 1, "masking.random_fraction",
                "mask_fraction + random_fraction must be <= 1")
-        _check(self.smoothing >= 0, "masking.smoothing", "must be >= 0")
+        require(self.smoothing >= 0, "masking.smoothing", "must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -133,11 +133,11 @@ class LossConfig:
     def __post_init__(self) -> None:
         weights = [self.alpha_ce, self.alpha_mlm, self.alpha_cos, self.alpha_mse, self.alpha_hidden_mse,
                    self.alpha_attn]
-        _check(all(w >= 0 for w in weights), "loss.alpha_ce", "loss weights must be >= 0")
-        _check(sum(weights) > 0, "loss.alpha_ce", "at least one loss weight must be > 0")
-        _check(self.temperature > 0, "loss.temperature", "must be > 0")
+        require(all(w >= 0 for w in weights), "loss.alpha_ce", "loss weights must be >= 0")
+        require(sum(weights) > 0, "loss.alpha_ce", "at least one loss weight must be > 0")
+        require(self.temperature > 0, "loss.temperature", "must be > 0")
         if self.layer_map is not None:
-            _check(all(len(p) == 2 for p in self.layer_map), "loss.layer_map", "must be [[student, teacher], ...]")
+            require(all(len(p) == 2 for p in self.layer_map), "loss.layer_map", "must be [[student, teacher], ...]")
 
 
 @dataclass(kw_only=True)
@@ -165,15 +165,15 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        _check(self.max_steps > 0, "train.max_steps", "must be > 0")
-        _check(self.batch_size > 0, "train.batch_size", "must be > 0")
-        _check(self.grad_accum > 0, "train.grad_accum", "must be > 0")
-        _check(self.lr > 0, "train.lr", "must be > 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
-        _check(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        require(self.max_steps > 0, "train.max_steps", "must be > 0")
+        require(self.batch_size > 0, "train.batch_size", "must be > 0")
+        require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
+        require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         for name in ("log_every", "eval_every", "save_every", "eval_batches"):
-            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+            require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -186,9 +186,19 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)
 
 
+class _RecipeBase:
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
 @dataclass(kw_only=True)
-class Recipe:
-    """A distillation run."""
+class Recipe(_RecipeBase):
+    """A distillation run (distill.train)."""
 
     output_dir: str = "runs/default"
     tokenizer: str = "distilbert-base-uncased"
@@ -202,14 +212,73 @@ class Recipe:
 
     kind: ClassVar[str] = "distill"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dataclasses.asdict(self)}
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+# ------------------------------------------------------------------------------------- fine-tuning
+@dataclass(kw_only=True)
+class TaskConfig:
+    """Where the labelled data comes from. `source`: a preset name, `hub`, or `files`."""
+
+    source: Literal["wiki-topics", "sst2", "imdb", "mrpc", "mnli", "hub", "files"] = "wiki-topics"
+    name: str | None = None  # hub dataset (source: hub)
+    config: str | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    splits: dict[str, str] = field(default_factory=dict)  # train/validation/test -> hub split or file path
+    max_length: int = 128
+    max_train_examples: int | None = None  # a deterministic subset of train (smoke tests, quick runs)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+@dataclass(kw_only=True)
+class FinetuneTrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # stop earlier than `epochs` if set
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    clip_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int | None = None  # steps; default: once per epoch
+    patience: int = 2  # evaluations without validation improvement before stopping
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        require(self.epochs > 0, "train.epochs", "must be > 0")
+        require(self.batch_size > 0, "train.batch_size", "must be > 0")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(self.patience >= 1, "train.patience", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TaskDistillConfig:
+    """Task-specific distillation from a fine-tuned classifier (None: plain fine-tuning)."""
+
+    teacher: str | None = None
+    alpha_ce: float = 0.5
+    alpha_task: float = 0.5
+    temperature: float = 2.0
+
+
+@dataclass(kw_only=True)
+class FinetuneRecipe(_RecipeBase):
+    """A fine-tuning run (distill.finetune), optionally with task-specific distillation."""
+
+    kind: ClassVar[str] = "finetune"
+    output_dir: str = "runs/finetune"
+    model: str = "runs/wiki/student"  # a student export, a transformers checkpoint, or a hub name
+    tokenizer: str | None = None  # default: the model's own directory
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    distill: TaskDistillConfig = field(default_factory=TaskDistillConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(tags=["finetune"]))
+
+
+
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise RecipeError(f"{key} {message}")
 
@@ -239,6 +308,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise RecipeError(f"{key} is {value!r}; choose one of {list(typing.get_args(tp))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a mapping, got {value!r}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_convert(k, k_tp, f"{key} key"): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise RecipeError(f"{key} must be a list, got {value!r}")
@@ -350,4 +424,4 @@ def resolve(path: str | Path, overrides: list[str] = (), cls: type | None = None
     return from_dict(cls, data)
 
 
-RECIPE_KINDS: dict[str, type] = {"distill": Recipe}
+RECIPE_KINDS: dict[str, type] = {"distill": Recipe, "finetune": FinetuneRecipe}

@@ -1,0 +1,157 @@
+"""Fine-tuning (and optional task-specific distillation) of sequence classifiers, through Accelerate.
+
+    accelerate launch distill/run.py recipes/finetune/wiki-topics.yaml model=runs/wiki/student
+
+Works for our DistilBERT exports and any transformers sequence-classification checkpoint (the BERT
+teacher too, for the comparison). Evaluates on validation every epoch (or `eval_every` steps), stops
+early after `patience` evaluations without improvement, exports the best model with `save_pretrained`
+and reports its test metrics in results.json. With `distill.teacher` set, the loss is the paper's second
+step: a_task * CE(labels) + a_ce * T^2 * KL(teacher/T || student/T).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from distill import tracking
+from distill.losses import soft_target_loss
+from distill.metrics import compute_classification_loss, evaluate_classification_metrics
+from distill.recipes import FinetuneRecipe
+from distill.tasks import load_classification, split_loader
+from students.modeling import DistilBERTForSequenceClassification, resolve_model_dir
+from students.tokenizer import get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def load_classifier(name_or_path: str, label_names: list[str]) -> torch.nn.Module:
+    """Our DistilBERT for DistilBERT checkpoints, transformers' Auto class for anything else (BERT)."""
+    directory = resolve_model_dir(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {n: i for i, n in enumerate(label_names)}}
+    if config.model_type == "distilbert":
+        return DistilBERTForSequenceClassification.from_pretrained(directory, **labels)
+    return transformers.AutoModelForSequenceClassification.from_pretrained(directory, **labels)
+
+
+def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
+    cfg = recipe.train
+    run_dir = Path(recipe.output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracking.log_with(recipe.tracking),
+                              project_dir=str(run_dir))
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+
+    data = load_classification(recipe.task)
+    logger.info("task %s: %s", recipe.task.source, data.stats)
+    tokenizer = get_tokenizer(recipe.tokenizer or str(resolve_model_dir(recipe.model)))
+    model = load_classifier(recipe.model, data.label_names)
+    teacher = None
+    if recipe.distill.teacher:
+        teacher = load_classifier(recipe.distill.teacher, data.label_names).eval().requires_grad_(False)
+        teacher.to(accelerator.device)
+    max_len = recipe.task.max_length
+    train_dl = split_loader(data.splits["train"], tokenizer, cfg.batch_size, max_len, shuffle=True, seed=cfg.seed)
+    val_dl = split_loader(data.splits["validation"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
+    test_dl = split_loader(data.splits["test"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
+    steps = len(train_dl) * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, len(train_dl) * cfg.epochs)
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n]
+    ids = {id(p) for p in no_decay}
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ], lr=cfg.lr)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * steps), steps)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), None)
+    metrics_file = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    eval_every = cfg.eval_every or len(train_dl)
+    raw = accelerator.unwrap_model(model)
+
+    best, best_step, bad_evals, history = -math.inf, 0, 0, []
+    best_dir = run_dir / "best"
+    step, t0, stop = 0, time.perf_counter(), False
+    bar = tqdm(total=steps, desc="finetune", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        for batch in train_dl:
+            model.train()
+            with accelerator.autocast():
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = compute_classification_loss(logits, batch["labels"])
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    d = recipe.distill
+                    loss = d.alpha_task * loss + d.alpha_ce * soft_target_loss(logits, t_logits, d.temperature)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss at step {step + 1}; best model so far: {best_dir}")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                record = {"step": step, "epoch": epoch, "loss/train": loss.item(), "lr": scheduler.get_last_lr()[0]}
+                accelerator.log(record, step=step)
+                metrics_file.write(record)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % eval_every == 0 or step == steps:
+                val = evaluate_classification_metrics(raw, val_dl, len(data.label_names))
+                record = {"step": step, "epoch": epoch, "eval/accuracy": val["accuracy"],
+                          "eval/macro_f1": val["macro_f1"], "eval/loss": val["loss"]}
+                history.append(record)
+                accelerator.log(record, step=step)
+                metrics_file.write(record)
+                bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}")
+                if val[cfg.metric] > best:
+                    best, best_step, bad_evals = val[cfg.metric], step, 0
+                    if accelerator.is_main_process:
+                        tmp = best_dir.with_name("best.tmp")
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        raw.save_pretrained(tmp)
+                        tokenizer.save_pretrained(tmp)
+                        shutil.rmtree(best_dir, ignore_errors=True)
+                        tmp.rename(best_dir)
+                else:
+                    bad_evals += 1
+                    stop = bad_evals >= cfg.patience
+                accelerator.wait_for_everyone()
+            if stop or step >= steps:
+                break
+        if stop or step >= steps:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+
+    best_model = load_classifier(str(best_dir), data.label_names).to(accelerator.device)
+    test = evaluate_classification_metrics(best_model, test_dl, len(data.label_names))
+    val = evaluate_classification_metrics(best_model, val_dl, len(data.label_names))
+    results = {"model": recipe.model, "task": recipe.task.source, "label_names": data.label_names,
+               "best_step": best_step, "steps": step, "early_stopped": stop, "train_seconds": round(train_seconds, 1),
+               "validation": val, "test": test, "data": data.stats, "history": history,
+               "task_distillation_teacher": recipe.distill.teacher}
+    if accelerator.is_main_process:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    accelerator.end_training()
+    return {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "best_step": best_step,
+            "export": str(best_dir)}

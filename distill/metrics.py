@@ -1,0 +1,108 @@
+"""Evaluation metrics and losses of the seed API (checked against scikit-learn in the tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.long).flatten()
+
+
+def compute_confusion_matrix(labels, predictions, num_classes: int | None = None) -> torch.Tensor:
+    """(K, K) counts; row = true class, column = predicted class."""
+    y, p = _as_tensor(labels), _as_tensor(predictions)
+    if y.shape != p.shape:
+        raise ValueError(f"{y.numel()} labels but {p.numel()} predictions")
+    if num_classes is not None:
+        k = num_classes
+    else:
+        k = int(max(y.max(), p.max()).item()) + 1 if y.numel() else 0
+    return torch.bincount(y * k + p, minlength=k * k).reshape(k, k)
+
+
+def compute_precision_recall_f1(labels, predictions, num_classes: int | None = None) -> dict[str, Any]:
+    """Per-class precision/recall/F1/support and their macro, micro and support-weighted averages.
+    A class never predicted (or never present) has precision (recall) 0, as scikit-learn's zero_division=0."""
+    cm = compute_confusion_matrix(labels, predictions, num_classes).double()
+    tp = cm.diag()
+    predicted, support = cm.sum(0), cm.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    total = support.sum().clamp(min=1)
+    micro = (tp.sum() / total).item()  # single-label: micro P = micro R = micro F1 = accuracy
+    weights = support / total
+    return {
+        "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                      "support": support.long().tolist()},
+        "macro": {"precision": precision.mean().item(), "recall": recall.mean().item(), "f1": f1.mean().item()},
+        "micro": {"precision": micro, "recall": micro, "f1": micro},
+        "weighted": {"precision": (precision * weights).sum().item(), "recall": (recall * weights).sum().item(),
+                     "f1": (f1 * weights).sum().item()},
+    }
+
+
+def compute_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch (regression MSE when there is one output)."""
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def compute_mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not -100. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def compute_mlm_loader_loss(model: torch.nn.Module, dataloader) -> dict[str, float]:
+    """Token-weighted masked-LM loss, perplexity and top-1 accuracy of an MLM model over a loader."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in dataloader:
+        b = {k: v.to(device) for k, v in batch.items()}
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
+        keep = b["labels"] != -100
+        loss_sum += F.cross_entropy(logits[keep].float(), b["labels"][keep], reduction="sum").item()
+        correct += (logits[keep].argmax(-1) == b["labels"][keep]).sum().item()
+        count += int(keep.sum())
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "accuracy": correct / max(count, 1),
+            "tokens": count}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataloader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels, predictions, logits) of a sequence classifier over a loader."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    ys, logits = [], []
+    for batch in dataloader:
+        out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        logits.append(out.logits.float().cpu())
+        ys.append(batch["labels"])
+    model.train(was_training)
+    logits_t = torch.cat(logits)
+    return torch.cat(ys), logits_t.argmax(-1), logits_t
+
+
+def evaluate_classification_metrics(model: torch.nn.Module, dataloader, num_classes: int | None = None) -> dict:
+    """Accuracy, loss, precision/recall/F1 (macro, micro, weighted, per class) and the confusion matrix."""
+    labels, preds, logits = predict(model, dataloader)
+    k = num_classes or logits.size(-1)
+    prf = compute_precision_recall_f1(labels, preds, k)
+    return {"accuracy": (labels == preds).double().mean().item(), "loss": compute_classification_loss(logits, labels).item(),
+            "macro_f1": prf["macro"]["f1"], **prf, "confusion_matrix": compute_confusion_matrix(labels, preds, k).tolist()}

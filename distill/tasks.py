@@ -1,0 +1,178 @@
+"""Sequence-classification data: the offline Wikipedia topic task, hub tasks (SST-2, IMDb, MRPC, MNLI),
+local files, and in-memory lists (the seed API). Every source yields train/validation/test splits with
+columns `text`, optional `text_pair`, and an integer `label`."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from distill.data import file_format, load_wiki_summaries
+from distill.recipes import TaskConfig
+
+# Hub presets: (dataset, config, text, text_pair, {our split: hub split}). GLUE test labels are hidden,
+# so the official validation split is our test split and validation is carved from train.
+PRESETS: dict[str, tuple[str, str | None, str, str | None, dict[str, str]]] = {
+    "sst2": ("glue", "sst2", "sentence", None, {"train": "train", "test": "validation"}),
+    "imdb": ("imdb", None, "text", None, {"train": "train", "test": "test"}),
+    "mrpc": ("glue", "mrpc", "sentence1", "sentence2", {"train": "train", "test": "validation"}),
+    "mnli": ("glue", "mnli", "premise", "hypothesis",
+             {"train": "train", "validation": "validation_matched", "test": "validation_mismatched"}),
+}
+WIKI_DROPPED_TOPIC = "Uncategorized"
+
+
+def _bucket(key: str) -> int:
+    """0..99 from a stable hash: the split a record falls in never depends on order or machine."""
+    return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
+
+
+@dataclass
+class ClassificationData:
+    splits: datasets.DatasetDict
+    label_names: list[str]
+    stats: dict[str, Any]
+
+
+def wiki_topics() -> ClassificationData:
+    """Topic classification on the offline Wikipedia summaries: `Uncategorized` dropped; split 80/10/10
+    by a hash of the title (deterministic, disjoint)."""
+    ds = load_wiki_summaries().filter(lambda ex: ex["topic"] not in ("", WIKI_DROPPED_TOPIC))
+    names = sorted(set(ds["topic"]))
+    index = {n: i for i, n in enumerate(names)}
+    ds = ds.map(lambda ex: {"label": index[ex["topic"]], "_b": _bucket(ex["title"])})
+    splits = datasets.DatasetDict({
+        "train": ds.filter(lambda ex: ex["_b"] < 80),
+        "validation": ds.filter(lambda ex: 80 <= ex["_b"] < 90),
+        "test": ds.filter(lambda ex: ex["_b"] >= 90),
+    }).select_columns(["text", "label"])
+    return ClassificationData(splits, names, _stats(splits, names))
+
+
+def _stats(splits: datasets.DatasetDict, names: list[str]) -> dict[str, Any]:
+    return {name: {"examples": len(split),
+                   "class_counts": {names[k]: v for k, v in sorted(collections.Counter(split["label"]).items())}}
+            for name, split in splits.items()}
+
+
+def _carve_validation(train: datasets.Dataset, text_field: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    bucket = train.map(lambda ex: {"_b": _bucket(str(ex[text_field]))})
+    return bucket.filter(lambda ex: ex["_b"] >= 5), bucket.filter(lambda ex: ex["_b"] < 5)
+
+
+def load_classification(cfg: TaskConfig) -> ClassificationData:
+    """train/validation/test with columns text, [text_pair], label, and the label names."""
+    data = _load_classification(cfg)
+    if cfg.max_train_examples is not None and len(data.splits["train"]) > cfg.max_train_examples:
+        data.splits["train"] = data.splits["train"].select(range(cfg.max_train_examples))
+        data.stats = _stats(data.splits, data.label_names)
+    return data
+
+
+def _load_classification(cfg: TaskConfig) -> ClassificationData:
+    if cfg.source == "wiki-topics":
+        return wiki_topics()
+    text, pair, label = cfg.text_field, cfg.text_pair_field, cfg.label_field
+    if cfg.source == "files":
+        missing = [s for s in ("train", "test") if s not in cfg.splits]
+        if missing:
+            raise ValueError(f"task.splits must name files for {missing} (and optionally validation)")
+        for path in cfg.splits.values():
+            if not Path(path).exists():
+                raise FileNotFoundError(f"task file {path} not found (task.splits)")
+        raw = datasets.load_dataset(file_format(list(cfg.splits.values())), data_files=dict(cfg.splits))
+    else:
+        if cfg.source == "hub":
+            if not cfg.name:
+                raise ValueError("task.name is required when task.source is 'hub'")
+            name, config, mapping = cfg.name, cfg.config, dict(cfg.splits or {"train": "train", "test": "test"})
+        else:
+            name, config, text, pair, mapping = PRESETS[cfg.source]
+        raw = datasets.DatasetDict({ours: datasets.load_dataset(name, config, split=theirs)
+                                    for ours, theirs in mapping.items()})
+    for col in [text, label] + ([pair] if pair else []):
+        if col not in raw["train"].column_names:
+            raise ValueError(f"task data has no column {col!r}; columns: {raw['train'].column_names}")
+    if "validation" not in raw:
+        raw["train"], raw["validation"] = _carve_validation(raw["train"], text)
+    label_feature = raw["train"].features[label]
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = list(label_feature.names)
+        to_index = None
+    else:
+        names = sorted({str(v) for v in raw["train"][label]})
+        to_index = {n: i for i, n in enumerate(names)}
+
+    def convert(ex):
+        out = {"text": ex[text], "label": ex[label] if to_index is None else to_index[str(ex[label])]}
+        if pair:
+            out["text_pair"] = ex[pair]
+        return out
+
+    keep = ["text", "label"] + (["text_pair"] if pair else [])
+    splits = datasets.DatasetDict({k: v.map(convert).select_columns(keep) for k, v in raw.items()})
+    return ClassificationData(splits, names, _stats(splits, names))
+
+
+# ---------------------------------------------------------------------------------------------- batching
+class ClassificationDataset(torch.utils.data.Dataset):
+    """Texts (and optional second texts) with integer labels, tokenized up front (truncated to
+    max_length: a classifier reads the start of a document)."""
+
+    def __init__(self, texts: list[str], labels: list[int], tokenizer: PreTrainedTokenizerBase,
+                 max_length: int = 128, text_pairs: list[str] | None = None):
+        if len(texts) != len(labels) or (text_pairs is not None and len(text_pairs) != len(texts)):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels" +
+                             (f" and {len(text_pairs)} text pairs" if text_pairs is not None else ""))
+        enc = tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None, truncation=True,
+                        max_length=max_length)
+        self.input_ids = enc["input_ids"]
+        self.labels = [int(x) for x in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "label": self.labels[i]}
+
+
+class PadCollator:
+    """Pads to the longest sequence: {input_ids, attention_mask, labels}."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        T = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(examples):
+            ids[i, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
+            mask[i, : len(e["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
+
+
+def create_classification_dataloader(texts: list[str], labels: list[int], tokenizer: PreTrainedTokenizerBase,
+                                     batch_size: int, max_length: int = 128, shuffle: bool = True,
+                                     text_pairs: list[str] | None = None, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Batches {input_ids, attention_mask, labels} for sequence classification."""
+    dataset = ClassificationDataset(texts, labels, tokenizer, max_length, text_pairs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=PadCollator(tokenizer.pad_token_id),
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def split_loader(split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int,
+                 shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A loader over one split of `load_classification`."""
+    pairs = split["text_pair"] if "text_pair" in split.column_names else None
+    return create_classification_dataloader(split["text"], split["label"], tokenizer, batch_size, max_length,
+                                            shuffle, pairs, seed)

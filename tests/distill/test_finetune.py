@@ -1,0 +1,60 @@
+"""Fine-tuning recipes end to end on a tiny student and a slice of the offline topic task."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+from transformers import DistilBertConfig
+
+from distill.recipes import resolve
+from distill.tasks import TaskConfig, load_classification
+from students import DistilBERTForMaskedLM
+from tests.distill.test_train import ROOT, env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("student")
+    DistilBERTForMaskedLM(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_wiki_topics_split_is_deterministic_disjoint_and_counted():
+    data = load_classification(TaskConfig())
+    assert len(data.label_names) == 11 and "Uncategorized" not in data.label_names
+    sizes = {k: len(v) for k, v in data.splits.items()}
+    assert sum(sizes.values()) == 10033 - 1000
+    assert 0.75 < sizes["train"] / sum(sizes.values()) < 0.85
+    texts = {k: set(v["text"]) for k, v in data.splits.items()}
+    assert not texts["train"] & texts["test"] and not texts["validation"] & texts["test"]
+    again = load_classification(TaskConfig())
+    assert again.splits["test"]["text"] == data.splits["test"]["text"]
+    assert sum(data.stats["train"]["class_counts"].values()) == sizes["train"]
+
+
+def test_finetune_recipe_end_to_end(tiny_student, tmp_path):
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "distill/run.py", "recipes/finetune/wiki-topics.yaml", f"model={tiny_student}",
+           f"output_dir={out}", "task.max_train_examples=96", "task.max_length=32", "train.epochs=2",
+           "train.batch_size=16", "train.eval_every=3", "train.patience=1", "tracking.wandb=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["test"]["accuracy"] <= 1 and len(results["test"]["confusion_matrix"]) == 11
+    assert results["best_step"] in [h["step"] for h in results["history"]]
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "best")
+    assert clf.config.num_labels == 11 and clf.config.id2label[0] == results["label_names"][0]
+
+
+def test_task_distillation_recipe_resolves(tmp_path):
+    r = resolve(ROOT / "recipes/finetune/wiki-topics.yaml", ["distill.teacher=runs/teacher-ft/best",
+                                                               "task.splits={train: a.jsonl, test: b.jsonl}"])
+    assert r.kind == "finetune" and r.distill.teacher == "runs/teacher-ft/best"
+    assert r.task.splits == {"train": "a.jsonl", "test": "b.jsonl"}
+    assert Path(ROOT / "recipes/finetune/sst2.yaml").exists()
