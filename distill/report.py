@@ -1,0 +1,237 @@
+"""The teacher-vs-student report: a markdown table and PNG figures in one directory.
+
+    python -m distill.report --teacher TEACHER_DIR --student runs/wiki/student \\
+        --distill-run runs/wiki --teacher-finetune runs/finetune/teacher --student-finetune runs/finetune/student \\
+        [--ablation NAME=DISTILL_RUN,FINETUNE_RUN ...] --output runs/report
+
+Measures, in this process: parameters, size on disk, CPU inference latency (batch 1 and 32, sequence 128,
+medians of interleaved rounds), held-out masked-LM accuracy on the distillation run's validation blocks
+(same masks for both); and reads the fine-tuning runs' results.json for downstream accuracy / macro-F1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def disk_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 2**20
+
+
+def encoder(directory: Path):
+    """(name, encode(ids, mask) -> last hidden, predict(rows) -> logits, n_params) for an MLM directory."""
+    from transformers import AutoConfig
+
+    from students.modeling import DistilBERTForMaskedLM
+    from teachers.teacher import Teacher
+
+    if AutoConfig.from_pretrained(directory).model_type == "distilbert":
+        m = DistilBERTForMaskedLM.from_pretrained(directory).eval()
+        return (lambda i, a: m.distilbert(i, a).last_hidden_state), m.predict_tokens, m
+    t = Teacher.load(str(directory))
+    return (lambda i, a: t(i, a).last_hidden_state), t.predict_tokens, t.model
+
+
+def latency(models: dict[str, Any], batches: list[int], repeats: int) -> dict[str, dict[int, float]]:
+    """Median ms per forward (encoder + classifier or MLM encoder), interleaved across models."""
+    out: dict[str, dict[int, float]] = {name: {} for name in models}
+    for B in batches:
+        ids = torch.randint(1000, 30000, (B, 128))
+        mask = torch.ones_like(ids)
+        reps = repeats if B == 1 else max(3, repeats // 4)
+        rounds: dict[str, list[float]] = {name: [] for name in models}
+        with torch.inference_mode():
+            for _ in range(3):
+                for name, fn in models.items():
+                    rounds[name].append(median_ms(functools.partial(fn, ids, mask), reps))
+        for name in models:
+            out[name][B] = statistics.median(rounds[name])
+    return out
+
+
+def held_out_mlm(distill_run: Path, encoders: dict[str, tuple]) -> dict[str, dict[str, float]]:
+    from distill.data import build_corpus, eval_batches
+    from distill.masking import MLMCollator
+    from distill.recipes import resolve
+    from distill.train import evaluate_mlm
+    from students.tokenizer import get_tokenizer
+
+    recipe = resolve(distill_run / "recipe.yaml")
+    tokenizer = get_tokenizer(recipe.tokenizer)
+    corpus = build_corpus(recipe.data, tokenizer)
+    from teachers.adapt import adaptation_masking
+
+    collator = MLMCollator(tokenizer, adaptation_masking(recipe.masking))  # standard BERT masking
+    val = eval_batches(corpus.validation, 32, 1000, seed=1234)
+    return {name: evaluate_mlm(pred, enc, val, collator, torch.device("cpu")) for name, (enc, pred) in encoders.items()}
+
+
+def plot_curves(distill_run: Path, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (distill_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss/total" in r]
+    evals = [r for r in rows if "eval/student_mlm_accuracy" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("total", "ce", "mlm", "cos"):
+        pts = [(r["step"], r[f"loss/{key}"]) for r in train if f"loss/{key}" in r]
+        if pts:
+            a.plot(*zip(*pts), label=key)
+    a.set(xlabel="step", ylabel="loss", title="distillation losses", yscale="log")
+    a.legend()
+    if evals:
+        b.plot([r["step"] for r in evals], [r["eval/student_mlm_accuracy"] for r in evals], "o-", label="student")
+        b.axhline(evals[-1]["eval/teacher_mlm_accuracy"], color="k", ls="--", label="teacher")
+    b.set(xlabel="step", ylabel="held-out masked-token accuracy", title="validation")
+    b.legend()
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_confusion(results: dict, title: str, out: Path, name: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = torch.tensor(results["test"]["confusion_matrix"], dtype=torch.float64)
+    norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
+    labels = [n[:18] for n in results["label_names"]]
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title}: test accuracy {results['test']['accuracy']:.3f}")
+    fig.tight_layout()
+    path = out / f"confusion_{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", type=Path, required=True, help="teacher MLM directory")
+    p.add_argument("--student", type=Path, required=True, help="student export (runs/<run>/student)")
+    p.add_argument("--distill-run", type=Path, help="distillation run directory (curves, validation data)")
+    p.add_argument("--teacher-finetune", type=Path, help="fine-tuning run of the teacher")
+    p.add_argument("--student-finetune", type=Path, help="fine-tuning run of the student")
+    p.add_argument("--ablation", action="append", default=[], help="NAME=DISTILL_RUN,FINETUNE_RUN")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--output", type=Path, required=True)
+    args = p.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    for path in (args.teacher, args.student):
+        if not path.is_dir():
+            raise SystemExit(f"error: {path} is not a model directory")
+
+    steps = tqdm(total=4, desc="report")
+    enc = {"teacher": encoder(args.teacher), "student": encoder(args.student)}
+    params = {k: sum(x.numel() for x in v[2].parameters()) for k, v in enc.items()}
+    size = {"teacher": disk_mb(args.teacher), "student": disk_mb(args.student)}
+    steps.update()
+    clf = {}
+    for name, run in (("teacher", args.teacher_finetune), ("student", args.student_finetune)):
+        if run:
+            from distill.finetune import load_classifier
+
+            res = json.loads((run / "results.json").read_text())
+            model = load_classifier(str(run / "best"), res["label_names"]).eval()
+            clf[name] = (res, model)
+    timed = {name: (lambda i, m, model=clf[name][1]: model(i, attention_mask=m)) if name in clf
+             else (lambda i, m, e=enc[name][0]: e(i, m)) for name in ("teacher", "student")}
+    lat = latency(timed, [1, 32], args.repeats)
+    steps.update()
+    mlm = held_out_mlm(args.distill_run, {k: (v[0], v[1]) for k, v in enc.items()}) if args.distill_run else {}
+    steps.update()
+
+    figures = []
+    if args.distill_run and (args.distill_run / "metrics.jsonl").exists():
+        figures.append(plot_curves(args.distill_run, args.output))
+    for name, (res, _) in clf.items():
+        figures.append(plot_confusion(res, name, args.output, name))
+    steps.update()
+    steps.close()
+
+    def share(key: str, fmt: str = "{:.1%}") -> str:
+        if key == "acc" and len(clf) == 2:
+            return fmt.format(clf["student"][0]["test"]["accuracy"] / clf["teacher"][0]["test"]["accuracy"])
+        if key == "f1" and len(clf) == 2:
+            return fmt.format(clf["student"][0]["test"]["macro_f1"] / clf["teacher"][0]["test"]["macro_f1"])
+        return "—"
+
+    def cell(name: str, key: str) -> str:
+        if name not in clf:
+            return "—"
+        return f"{clf[name][0]['test'][key]:.4f}"
+
+    rows = [
+        ("parameters", f"{params['teacher']:,}", f"{params['student']:,}", f"{params['student'] / params['teacher']:.1%}"),
+        ("size on disk (MB)", f"{size['teacher']:.1f}", f"{size['student']:.1f}", f"{size['student'] / size['teacher']:.1%}"),
+        ("CPU latency, batch 1 x 128 (ms, median)", f"{lat['teacher'][1]:.1f}", f"{lat['student'][1]:.1f}",
+         f"{lat['teacher'][1] / lat['student'][1]:.2f}x faster"),
+        ("CPU latency, batch 32 x 128 (ms, median)", f"{lat['teacher'][32]:.0f}", f"{lat['student'][32]:.0f}",
+         f"{lat['teacher'][32] / lat['student'][32]:.2f}x faster"),
+    ]
+    if mlm:
+        rows.append(("held-out masked-token accuracy", f"{mlm['teacher']['mlm_accuracy']:.4f}",
+                     f"{mlm['student']['mlm_accuracy']:.4f}",
+                     f"{mlm['student']['mlm_accuracy'] / max(mlm['teacher']['mlm_accuracy'], 1e-9):.1%}"))
+    rows += [("downstream test accuracy", cell("teacher", "accuracy"), cell("student", "accuracy"), share("acc")),
+             ("downstream test macro-F1", cell("teacher", "macro_f1"), cell("student", "macro_f1"), share("f1"))]
+    lines = ["# Teacher vs student", "", f"teacher: `{args.teacher}`  ", f"student: `{args.student}`  ",
+             f"threads: {torch.get_num_threads()}, torch {torch.__version__}", "",
+             "| | teacher | student | student / teacher |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if args.ablation:
+        lines += ["", "## Ablation", "", "| variant | held-out MLM accuracy | topic test accuracy | macro-F1 |",
+                  "| --- | --- | --- | --- |"]
+        for spec in args.ablation:
+            name, _, runs = spec.partition("=")
+            d_run, _, f_run = runs.partition(",")
+            d_rows = [json.loads(x) for x in (Path(d_run) / "metrics.jsonl").read_text().splitlines()]
+            acc = [r["eval/student_mlm_accuracy"] for r in d_rows if "eval/student_mlm_accuracy" in r]
+            res = json.loads((Path(f_run) / "results.json").read_text())
+            lines.append(f"| {name} | {acc[-1] if acc else float('nan'):.4f} | {res['test']['accuracy']:.4f} | "
+                         f"{res['test']['macro_f1']:.4f} |")
+    lines += [""] + [f"![{f}]({f})" for f in figures]
+    (args.output / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {"parameters": params, "disk_mb": size, "latency_ms": lat, "mlm": mlm,
+               "downstream": {k: {"accuracy": v[0]["test"]["accuracy"], "macro_f1": v[0]["test"]["macro_f1"]}
+                              for k, v in clf.items()}}
+    (args.output / "report.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
