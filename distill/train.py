@@ -155,6 +155,10 @@ def build_teacher(recipe: Recipe, tokenizer, corpus, accelerator: Accelerator) -
                                        tcfg.adapt, recipe.masking, device=accelerator.device))
     teacher = Teacher.load(source, dtype=tcfg.dtype, attn_implementation=attn)
     teacher.check_tokenizer(tokenizer)
+    link = Path(recipe.output_dir) / "teacher"
+    if accelerator.is_main_process and Path(source).is_dir() and not link.exists():
+        # runs/<run>/teacher: the exact teacher used (e.g. the cached adaptation), for fine-tuning and reports.
+        link.symlink_to(Path(source).resolve(), target_is_directory=True)
     return teacher.to(accelerator.device)
 
 

@@ -61,3 +61,18 @@ def test_cycles_and_missing_files(tmp_path):
         resolve(tmp_path / "nope.yaml")
     with pytest.raises(RecipeError, match="not valid YAML"):
         resolve(write(tmp_path, "bad.yaml", "train: [\n"))
+
+
+def test_ablation_recipes_change_one_thing_each():
+    base = resolve("recipes/ablation/triple.yaml")
+    assert base.train.max_steps == 150 and base.loss.alpha_ce == 5.0
+    changed = {
+        "no-ce": ("loss", "alpha_ce"), "no-cos": ("loss", "alpha_cos"), "no-mlm": ("loss", "alpha_mlm"),
+        "random-init": ("student", "init"),
+    }
+    for name, (section, key) in changed.items():
+        r = resolve(f"recipes/ablation/{name}.yaml")
+        diff = [(s, k) for s in ("loss", "student", "train", "data", "teacher", "masking")
+                for k, v in vars(getattr(r, s)).items() if v != getattr(getattr(base, s), k)]
+        assert diff == [(section, key)], (name, diff)
+        assert r.output_dir == f"runs/ablation/{name}"
