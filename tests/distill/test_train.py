@@ -165,3 +165,26 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_wandb_offline_run_and_lazy_import(tiny_teacher_dir, tmp_path):
+    code = (
+        "import sys\n"
+        "from distill.recipes import resolve\n"
+        "from distill.train import train\n"
+        f"r = resolve({str(TINY)!r}, ['teacher.name_or_path={tiny_teacher_dir}', 'output_dir={tmp_path / 'w'}',\n"
+        "    'train.max_steps=2', 'tracking.wandb=' + sys.argv[1]])\n"
+        "train(r)\n"
+        "print('WANDB_IMPORTED', 'wandb' in sys.modules)\n"
+    )
+    off = subprocess.run([sys.executable, "-c", code, "false"], cwd=ROOT, env={**env(), "WANDB_MODE": "offline"},
+                         capture_output=True, text=True, timeout=600)
+    assert off.returncode == 0, off.stderr[-2000:]
+    assert "WANDB_IMPORTED False" in off.stdout
+    on = subprocess.run([sys.executable, "-c", code, "true"], cwd=ROOT,
+                        env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+                        capture_output=True, text=True, timeout=600)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert "WANDB_IMPORTED True" in on.stdout
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
