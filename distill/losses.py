@@ -69,7 +69,8 @@ def attention_kl_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor,
     """MiniLM attention transfer: KL(A_t || A_s) per head and real query row, averaged over heads,
     summed over real queries / normalizer. a: (B, nh, T, T) probabilities; mask (B, T) bool."""
     if a_s.shape != a_t.shape:
-        raise ValueError(f"attention loss needs equal head counts and lengths: {tuple(a_s.shape)} vs {tuple(a_t.shape)}")
+        raise ValueError("attention loss needs equal head counts and lengths: "
+                         f"{tuple(a_s.shape)} vs {tuple(a_t.shape)}")
     eps = 1e-12
     p, q = a_t.float(), a_s.float()
     kl = (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)  # (B, nh, T)

@@ -196,8 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         return f"{clf[name][0]['test'][key]:.4f}"
 
     rows = [
-        ("parameters", f"{params['teacher']:,}", f"{params['student']:,}", f"{params['student'] / params['teacher']:.1%}"),
-        ("size on disk (MB)", f"{size['teacher']:.1f}", f"{size['student']:.1f}", f"{size['student'] / size['teacher']:.1%}"),
+        ("parameters", f"{params['teacher']:,}", f"{params['student']:,}",
+         f"{params['student'] / params['teacher']:.1%}"),
+        ("size on disk (MB)", f"{size['teacher']:.1f}", f"{size['student']:.1f}",
+         f"{size['student'] / size['teacher']:.1%}"),
         ("CPU latency, batch 1 x 128 (ms, median)", f"{lat['teacher'][1]:.1f}", f"{lat['student'][1]:.1f}",
          f"{lat['teacher'][1] / lat['student'][1]:.2f}x faster"),
         ("CPU latency, batch 32 x 128 (ms, median)", f"{lat['teacher'][32]:.0f}", f"{lat['student'][32]:.0f}",

@@ -63,7 +63,8 @@ def layer_pairs(cfg: LossConfig, n_student: int, n_teacher: int) -> dict[str, li
         pairs = [tuple(p) for p in cfg.layer_map]
         bad = [p for p in pairs if not (0 <= p[0] <= n_student and 0 <= p[1] <= n_teacher)]
         if bad:
-            raise RecipeError(f"loss.layer_map pairs {bad} out of range (student 0..{n_student}, teacher 0..{n_teacher})")
+            raise RecipeError(f"loss.layer_map pairs {bad} out of range "
+                              f"(student 0..{n_student}, teacher 0..{n_teacher})")
         return {"cos": pairs, "hidden": pairs, "attn": [p for p in pairs if p[0] > 0 and p[1] > 0]}
     uniform = [(i, round(i * n_teacher / n_student)) for i in range(n_student + 1)]
     return {"cos": [(n_student, n_teacher)], "hidden": uniform, "attn": uniform[1:]}

@@ -105,7 +105,8 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
     before = masked_accuracy(model, val, collator, device)
     logger.info("teacher %s before adaptation: %s (new head tensors: %s)", name_or_path, before, missing)
 
-    head = [p for n, p in model.named_parameters() if n.startswith("cls.") and p is not model.cls.predictions.decoder.weight]
+    decoder = model.cls.predictions.decoder.weight  # tied to the word embeddings: trains with the body
+    head = [p for n, p in model.named_parameters() if n.startswith("cls.") and p is not decoder]
     head_ids = {id(p) for p in head}
     body_decay = [p for n, p in model.named_parameters() if id(p) not in head_ids and p.ndim >= 2]
     body_no_decay = [p for n, p in model.named_parameters() if id(p) not in head_ids and p.ndim < 2]
