@@ -106,3 +106,27 @@ def test_streaming_batches_and_resume(jsonl_corpus, tokenizer):
     it2 = stream.iterate(start=3)
     assert [next(it2) for _ in range(2)] == first[3:]
     assert all(len(b) == 4 for b in first)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "parquet"])
+def test_text_and_parquet_files(tmp_path, tokenizer, fmt):
+    texts = [f"line {i} " + "word " * (i % 9 + 3) for i in range(60)]
+    path = tmp_path / f"c.{fmt}"
+    if fmt == "txt":
+        path.write_text("\n".join(texts) + "\n")
+    else:
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(path))
+    corpus = build_corpus(DataConfig(source="files", files=[str(path)], num_proc=1, validation_fraction=0.2),
+                          tokenizer)
+    assert corpus.stats["train_documents"] + corpus.stats["validation_documents"] == 60
+
+
+def test_bad_data_files_are_clear(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_documents(DataConfig(source="files", files=[str(tmp_path / "nope.jsonl")]))
+    (tmp_path / "a.docx").write_text("x")
+    with pytest.raises(ValueError, match="not supported"):
+        load_documents(DataConfig(source="files", files=[str(tmp_path / "a.docx")]))
+    (tmp_path / "b.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_documents(DataConfig(source="files", files=[str(tmp_path / "b.jsonl")]))

@@ -58,3 +58,18 @@ def test_task_distillation_recipe_resolves(tmp_path):
     assert r.kind == "finetune" and r.distill.teacher == "runs/teacher-ft/best"
     assert r.task.splits == {"train": "a.jsonl", "test": "b.jsonl"}
     assert Path(ROOT / "recipes/finetune/sst2.yaml").exists()
+
+
+def test_task_specific_distillation_from_a_finetuned_teacher(tiny_teacher_dir, tiny_student, tmp_path):
+    from distill.finetune import finetune
+
+    common = ["task.max_train_examples=48", "task.max_length=32", "train.epochs=1", "train.batch_size=16",
+              "tracking.wandb=false"]
+    finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml",
+                     [f"model={tiny_teacher_dir}", f"output_dir={tmp_path / 't'}", *common]))
+    summary = finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml", [
+        f"model={tiny_student}", f"output_dir={tmp_path / 's'}", f"distill.teacher={tmp_path / 't' / 'best'}",
+        "distill.alpha_ce=0.7", "distill.alpha_task=0.3", *common]))
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert results["task_distillation_teacher"] == str(tmp_path / "t" / "best")
+    assert 0 <= summary["test_accuracy"] <= 1
