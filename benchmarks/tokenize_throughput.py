@@ -35,8 +35,9 @@ def main() -> None:
                            fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length, packing=packing))
             dt = time.perf_counter() - t0
             tokens = sum(out["length"])
-            print(f"num_proc {n} packing {packing!s:5s}: {len(docs) / dt:8.0f} documents/s  {tokens / dt:10.0f} tokens/s"
-                  f"  ({len(docs)} documents, {tokens} tokens, {len(out)} sequences, {dt:.2f} s)")
+            print(f"num_proc {n} packing {packing!s:5s}: {len(docs) / dt:8.0f} documents/s  "
+                  f"{tokens / dt:10.0f} tokens/s  ({len(docs)} documents, {tokens} tokens, {len(out)} sequences, "
+                  f"{dt:.2f} s)")
     datasets.enable_caching()
     with tempfile.TemporaryDirectory() as cache:
         datasets.config.HF_DATASETS_CACHE = cache
