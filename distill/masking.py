@@ -12,6 +12,7 @@ whatever the number of processes or data-loader workers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.recipes import MaskingConfig
+
+
+def standard_masking(cfg: MaskingConfig) -> MaskingConfig:
+    """BERT's uniform selection (no frequency smoothing), for held-out accuracy figures that compare
+    across runs and for teacher adaptation."""
+    return dataclasses.replace(cfg, smoothing=0.0)
 
 
 def selection_weights(counts: np.ndarray | None, vocab_size: int, special_ids: list[int],

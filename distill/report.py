@@ -70,7 +70,7 @@ def latency(models: dict[str, Any], batches: list[int], repeats: int) -> dict[st
 
 def held_out_mlm(distill_run: Path, encoders: dict[str, tuple]) -> dict[str, dict[str, float]]:
     from distill.data import build_corpus, eval_batches
-    from distill.masking import MLMCollator
+    from distill.masking import MLMCollator, standard_masking
     from distill.recipes import resolve
     from distill.train import evaluate_mlm
     from students.tokenizer import get_tokenizer
@@ -78,9 +78,7 @@ def held_out_mlm(distill_run: Path, encoders: dict[str, tuple]) -> dict[str, dic
     recipe = resolve(distill_run / "recipe.yaml")
     tokenizer = get_tokenizer(recipe.tokenizer)
     corpus = build_corpus(recipe.data, tokenizer)
-    from teachers.adapt import adaptation_masking
-
-    collator = MLMCollator(tokenizer, adaptation_masking(recipe.masking))  # standard BERT masking
+    collator = MLMCollator(tokenizer, standard_masking(recipe.masking))
     val = eval_batches(corpus.validation, 32, 1000, seed=1234)
     return {name: evaluate_mlm(pred, enc, val, collator, torch.device("cpu")) for name, (enc, pred) in encoders.items()}
 

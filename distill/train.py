@@ -40,7 +40,7 @@ from distill.data import (
     train_loader,
 )
 from distill.losses import VocabLossWeights, attention_kl_loss, cosine_loss, fused_vocab_losses, hidden_mse_loss
-from distill.masking import MLMCollator
+from distill.masking import MLMCollator, standard_masking
 from distill.recipes import LossConfig, Recipe, RecipeError
 from students.config import config_from_teacher, create_model_config
 from students.init import default_layers, init_from_teacher
@@ -284,6 +284,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     counts = (token_counts(corpus.train, len(tokenizer), recipe.data.frequency_count_tokens)
               if recipe.masking.smoothing else None)
     collator = MLMCollator(tokenizer, recipe.masking, counts)
+    eval_collator = MLMCollator(tokenizer, standard_masking(recipe.masking))  # comparable held-out accuracy
     val = eval_batches(corpus.validation, max(1, cfg.batch_size // world), cfg.eval_batches, cfg.seed)
 
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -315,7 +316,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     teacher_eval = None
     if accelerator.is_main_process:
         teacher_eval = evaluate_mlm(teacher.predict_tokens, lambda i, m: teacher(i, m).last_hidden_state, val,
-                                    collator, accelerator.device)
+                                    eval_collator, accelerator.device)
         logger.info("teacher held-out MLM: %s", teacher_eval)
         metrics.write({"step": start_step, "teacher": teacher_eval, "corpus": corpus.stats})
 
@@ -376,7 +377,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     raw_student.eval()
                     student_eval = evaluate_mlm(raw_student.predict_tokens,
                                                 lambda i, m: raw_student.distilbert(i, m).last_hidden_state, val,
-                                                collator, accelerator.device)
+                                                eval_collator, accelerator.device)
                     record = {"step": step, **{f"eval/student_{k}": v for k, v in student_eval.items()},
                               **{f"eval/teacher_{k}": v for k, v in teacher_eval.items()}}
                     accelerator.log(record, step=step)

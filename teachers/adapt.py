@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, PreTrainedTokenizerBase
 
 from distill.data import Corpus, GlobalBatchSampler, eval_batches, train_loader
-from distill.masking import MLMCollator
+from distill.masking import MLMCollator, standard_masking
 from distill.recipes import AdaptConfig, MaskingConfig
 from teachers.teacher import load_bert_mlm, resolve_teacher_path
 
@@ -59,11 +59,6 @@ def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def adaptation_masking(masking: MaskingConfig) -> MaskingConfig:
-    """BERT's standard masking (uniform selection) for adaptation and its accuracy figure."""
-    return dataclasses.replace(masking, smoothing=0.0)
-
-
 @torch.no_grad()
 def masked_accuracy(model: BertForMaskedLM, batches: list[list[dict]], collator: MLMCollator,
                     device: torch.device) -> dict[str, float]:
@@ -90,7 +85,7 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
                   root: Path | None = None) -> Path:
     """Adapt (or reuse the cached adaptation of) a teacher; returns the adapted model's directory,
     which holds the model, its tokenizer and adapt_report.json."""
-    masking = adaptation_masking(masking)
+    masking = standard_masking(masking)
     key = adaptation_key(name_or_path, cfg, masking, corpus_id)
     out = (root or cache_root()) / "teachers" / f"{Path(name_or_path).name}-adapted-{key}"
     if (out / "adapt_report.json").exists():
