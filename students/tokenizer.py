@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 # Short names of the uncased English WordPiece vocabulary (30,522 tokens) shared by bert-base-uncased,
 # distilbert-base-uncased and all-MiniLM-L6-v2; they resolve to the copy installed with the offline model.
 OFFLINE_VOCAB_NAMES = ("distilbert-base-uncased", "bert-base-uncased", "wordpiece-uncased")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
 def get_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
@@ -29,7 +30,11 @@ def get_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     if str(name_or_path) in OFFLINE_VOCAB_NAMES:
         source = minilm_dir()
         logger.info("tokenizer %r: using the packaged uncased WordPiece vocabulary at %s", name_or_path, source)
-    elif not source.is_dir():
+    elif source.is_dir():
+        if not any((source / f).exists() for f in TOKENIZER_FILES):
+            # transformers would build a default tokenizer with a near-empty vocabulary here.
+            raise FileNotFoundError(f"tokenizer {name_or_path}: the directory has none of {TOKENIZER_FILES}")
+    else:
         if source.exists() or str(name_or_path).startswith((".", "/")):
             raise FileNotFoundError(f"tokenizer {name_or_path}: not a directory with tokenizer files")
         source = name_or_path

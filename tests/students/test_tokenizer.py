@@ -23,3 +23,9 @@ def test_no_implicit_truncation(tokenizer):
 def test_missing_directory_is_clear():
     with pytest.raises(FileNotFoundError, match="not a directory"):
         get_tokenizer("./no/such/dir")
+
+
+def test_directory_without_tokenizer_files_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has none of"):
+        get_tokenizer(tmp_path)

@@ -43,6 +43,15 @@ def test_vocabulary_mismatch_is_refused(tokenizer, tmp_path):
         Teacher.load(str(swapped)).check_tokenizer(tokenizer)
 
 
+def test_teacher_without_tokenizer_is_checked_by_size(tokenizer, tmp_path, caplog):
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    from transformers import BertForMaskedLM
+
+    BertForMaskedLM(cfg).save_pretrained(tmp_path)
+    Teacher.load(str(tmp_path)).check_tokenizer(tokenizer)
+    assert "vocabulary size only" in caplog.text
+
+
 def test_headless_checkpoint_needs_adaptation(tmp_path):
     cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     BertModel(cfg).save_pretrained(tmp_path)
