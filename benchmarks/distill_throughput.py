@@ -59,7 +59,7 @@ def run_shape(shape: str, mode: str, batch: int, steps: int, warmup: int, bf16: 
     cfg = LossConfig(restrict_ce_to_mask=(mode == "masked"))
     pairs = layer_pairs(cfg, s["student_layers"], s["teacher_layers"])
     model = DistillationModel(student, s["hidden"], cfg, pairs, compile_loss).train()
-    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     times, tokens = [], []

@@ -110,9 +110,9 @@ def _soft_target_rows_fn(compile: bool):
 
 
 def _chunk_rows(vocab_size: int) -> int:
-    # ~4M floats (16 MB) per (rows, V) temporary: under glibc's 32 MB mmap ceiling, so the allocator
+    # < 8M floats (32 MB) per (rows, V) temporary: under glibc's 32 MB mmap ceiling, so the allocator
     # reuses heap memory instead of mapping and unmapping vocabulary-sized buffers every step.
-    return max(1, (1 << 22) // vocab_size)
+    return max(1, ((1 << 23) - (1 << 16)) // vocab_size)
 
 
 class _FusedVocabLosses(torch.autograd.Function):
@@ -187,7 +187,10 @@ class _FusedVocabLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *_):
         grad_h, grad_W, grad_b = ctx.saved_tensors
-        return grad_h * grad_total, grad_W * grad_total, grad_b * grad_total, *([None] * 7)
+        if grad_total.item() != 1.0:  # in place: these buffers are ours and used once
+            for g in (grad_h, grad_W, grad_b):
+                g.mul_(grad_total)
+        return grad_h, grad_W, grad_b, *([None] * 7)
 
 
 def fused_vocab_losses(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, h_t: torch.Tensor, W_t: torch.Tensor,

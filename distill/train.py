@@ -288,7 +288,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     val = eval_batches(corpus.validation, max(1, cfg.batch_size // world), cfg.eval_batches, cfg.seed)
 
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  eps=cfg.eps)
+                                  eps=cfg.eps, fused=accelerator.device.type in ("cpu", "cuda"))
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * cfg.max_steps),
                                                              cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
