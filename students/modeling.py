@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -222,6 +223,7 @@ class DistilBERTPreTrainedModel(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in self.tied_keys}
         tmp = out / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates files private to the user; a model directory is shared
         tmp.replace(out / WEIGHTS_NAME)
 
     @classmethod
