@@ -192,11 +192,14 @@ def test_wandb_offline_run_and_lazy_import(tiny_teacher_dir, tmp_path):
 
 
 def test_intermediate_losses_and_bf16(tiny_teacher_dir, tmp_path):
-    # TinyBERT/MiniLM-style objectives through the loop, under bf16 autocast on CPU.
+    # TinyBERT/MiniLM-style objectives through the loop, under bf16 autocast on CPU. A fresh process:
+    # Accelerate's state (mixed precision) is fixed per process.
     out = tmp_path / "mid"
-    train_mod.train(recipe(tiny_teacher_dir, out, "train.max_steps=2", "train.log_every=1", "loss.alpha_hidden_mse=1.0",
-                           "loss.alpha_attn=1.0", "loss.alpha_mse=0.1", "loss.layer_map=[[0, 0], [1, 2], [2, 4]]",
-                           "train.mixed_precision=bf16"))
+    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}",
+           "train.max_steps=2", "train.log_every=1", "loss.alpha_hidden_mse=1.0", "loss.alpha_attn=1.0",
+           "loss.alpha_mse=0.1", "loss.layer_map=[[0, 0], [1, 2], [2, 4]]", "train.mixed_precision=bf16"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/total" in x]
     assert rows and all(r["loss/hidden_mse"] > 0 and r["loss/attn"] > 0 and r["loss/mse"] > 0 for r in rows)
     assert all(math.isfinite(r["loss/total"]) for r in rows)
