@@ -49,6 +49,8 @@ def load_classifier(name_or_path: str, label_names: list[str]) -> torch.nn.Modul
 
 
 def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
+    """Fine-tune `recipe.model` on `recipe.task`; writes recipe.yaml, metrics.jsonl, best/ and results.json
+    under recipe.output_dir and returns the test accuracy / macro-F1 of the best model."""
     cfg = recipe.train
     run_dir = Path(recipe.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracking.log_with(recipe.tracking),
