@@ -94,13 +94,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--no-compile", action="store_true", help="eager soft-target arithmetic (train.compile_loss: false)")
+    p.add_argument("--compile", action="store_true", help="compiled soft-target arithmetic (train.compile_loss: true)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     shapes, modes = args.shape or list(SHAPES), args.mode or ["all", "masked"]
     if args.child:
         print(json.dumps(run_shape(shapes[0], modes[0], args.batch, args.steps, args.warmup, args.bf16,
-                                   not args.no_compile)))
+                                   args.compile)))
         return
     root = Path(__file__).resolve().parents[1]
     for shape in shapes:
@@ -108,7 +108,7 @@ def main() -> None:
             steps = args.steps if shape != "bert-base" else max(3, args.steps // 4)
             cmd = [sys.executable, __file__, "--child", "--shape", shape, "--mode", mode, "--batch", str(args.batch),
                    "--steps", str(steps), "--warmup", str(args.warmup)] + (["--bf16"] if args.bf16 else []) + (
-                ["--no-compile"] if args.no_compile else [])
+                ["--compile"] if args.compile else [])
             out = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if out.returncode:
