@@ -31,6 +31,7 @@ from distill.losses import soft_target_loss
 from distill.metrics import compute_classification_loss, evaluate_classification_metrics
 from distill.recipes import FinetuneRecipe
 from distill.tasks import load_classification, split_loader
+from distill.train import optimizer_groups
 from students.modeling import DistilBERTForSequenceClassification, resolve_model_dir
 from students.tokenizer import get_tokenizer
 
@@ -75,12 +76,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     val_dl = split_loader(data.splits["validation"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
     test_dl = split_loader(data.splits["test"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
     steps = len(train_dl) * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, len(train_dl) * cfg.epochs)
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n]
-    ids = {id(p) for p in no_decay}
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * steps), steps)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), None)

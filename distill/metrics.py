@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,6 +58,23 @@ def compute_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> t
 def compute_mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over positions whose label is not -100. logits (B, T, V), labels (B, T)."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate_mlm(predict: Callable, encode: Callable, batches: list[list[dict]], collator: Callable,
+                 device: torch.device) -> dict[str, float]:
+    """Masked-token loss and top-1 accuracy over fixed held-out batches of examples (masked by
+    `collator`); `encode(ids, mask)` -> last hidden state, `predict(rows)` -> logits of those rows only."""
+    loss = correct = total = 0.0
+    for examples in batches:
+        b = {k: v.to(device) for k, v in collator(examples).items()}
+        rows = b["labels"] != -100
+        logits = predict(encode(b["input_ids"], b["attention_mask"])[rows]).float()  # (N, V)
+        target = b["labels"][rows]
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(-1) == target).sum().item()
+        total += target.numel()
+    return {"mlm_loss": loss / max(total, 1), "mlm_accuracy": correct / max(total, 1), "tokens": int(total)}
 
 
 def _device(model: torch.nn.Module) -> torch.device:

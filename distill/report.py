@@ -71,8 +71,8 @@ def latency(models: dict[str, Any], batches: list[int], repeats: int) -> dict[st
 def held_out_mlm(distill_run: Path, encoders: dict[str, tuple]) -> dict[str, dict[str, float]]:
     from distill.data import build_corpus, eval_batches
     from distill.masking import MLMCollator, standard_masking
+    from distill.metrics import evaluate_mlm
     from distill.recipes import resolve
-    from distill.train import evaluate_mlm
     from students.tokenizer import get_tokenizer
 
     recipe = resolve(distill_run / "recipe.yaml")

@@ -41,6 +41,7 @@ from distill.data import (
 )
 from distill.losses import VocabLossWeights, attention_kl_loss, cosine_loss, fused_vocab_losses, hidden_mse_loss
 from distill.masking import MLMCollator, standard_masking
+from distill.metrics import evaluate_mlm
 from distill.recipes import LossConfig, Recipe, RecipeError
 from students.config import config_from_teacher, create_model_config
 from students.init import default_layers, init_from_teacher
@@ -214,23 +215,6 @@ def check_resumable(saved: dict, recipe: Recipe) -> None:
     if changed:
         raise RecipeError(f"{recipe.output_dir} holds a run with a different recipe ({', '.join(changed[:3])} "
                           "differ); use another output_dir, or delete the old run to start over")
-
-
-@torch.no_grad()
-def evaluate_mlm(predict, encode, batches: list[list[dict]], collator: MLMCollator,
-                 device: torch.device) -> dict[str, float]:
-    """Held-out masked-token loss and top-1 accuracy; `encode(ids, mask)` -> last hidden state,
-    `predict(rows)` -> logits."""
-    loss = correct = total = 0.0
-    for examples in batches:
-        b = {k: v.to(device) for k, v in collator(examples).items()}
-        rows = b["labels"] != -100
-        logits = predict(encode(b["input_ids"], b["attention_mask"])[rows]).float()
-        target = b["labels"][rows]
-        loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-        total += target.numel()
-    return {"mlm_loss": loss / max(total, 1), "mlm_accuracy": correct / max(total, 1)}
 
 
 class StopRequest:

@@ -26,6 +26,7 @@ from transformers import BertForMaskedLM, PreTrainedTokenizerBase
 
 from distill.data import Corpus, GlobalBatchSampler, eval_batches, train_loader
 from distill.masking import MLMCollator, standard_masking
+from distill.metrics import evaluate_mlm
 from distill.recipes import AdaptConfig, MaskingConfig
 from teachers.teacher import load_bert_mlm, resolve_teacher_path
 
@@ -59,25 +60,15 @@ def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def masked_accuracy(model: BertForMaskedLM, batches: list[list[dict]], collator: MLMCollator,
                     device: torch.device) -> dict[str, float]:
-    """Top-1 accuracy and mean CE at the masked positions of fixed held-out batches."""
+    """`evaluate_mlm` of a BertForMaskedLM in eval mode (restoring its training mode)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    for examples in batches:
-        b = {k: v.to(device) for k, v in collator(examples).items()}
-        hidden = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        rows = b["labels"] != -100
-        logits = model.cls(hidden[rows]).float()  # (N, V)
-        target = b["labels"][rows]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-        total += target.numel()
+    out = evaluate_mlm(model.cls, lambda i, m: model.bert(input_ids=i, attention_mask=m).last_hidden_state,
+                       batches, collator, device)
     model.train(was_training)
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "tokens": total}
+    return out
 
 
 def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus: Corpus, corpus_id: dict,
@@ -134,7 +125,7 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
     report = {"teacher": name_or_path, "steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(seconds, 1),
               "before": before, "after": after, "new_head_tensors": missing, "key": key}
     logger.info("teacher adapted in %.0f s: held-out masked accuracy %.3f -> %.3f",
-                seconds, before["accuracy"], after["accuracy"])
+                seconds, before["mlm_accuracy"], after["mlm_accuracy"])
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ def test_adapting_the_packaged_minilm_then_exact_student(tokenizer, small_corpus
     path = adapt_teacher("minilm", tokenizer, corpus, corpus_identity(cfg, tokenizer), adapt, MaskingConfig(),
                          root=tmp_path)
     report = json.loads((path / "adapt_report.json").read_text())
-    assert report["steps"] == 3 and report["after"]["loss"] < report["before"]["loss"]
+    assert report["steps"] == 3 and report["after"]["mlm_loss"] < report["before"]["mlm_loss"]
     assert "cls.predictions.transform.dense.weight" in report["new_head_tensors"]
 
     # Cached: a second call with the same inputs loads nothing and trains nothing.
