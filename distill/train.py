@@ -12,6 +12,7 @@ the same global batch compute the same loss and gradients.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -178,8 +179,11 @@ def build_student(recipe: Recipe, teacher: Teacher) -> DistilBERTForMaskedLM:
 def _initial_student(recipe: Recipe, teacher: Teacher) -> DistilBERTForMaskedLM:
     scfg = recipe.student
     if scfg.init == "teacher":
-        n = scfg.n_layers or max(1, teacher.num_layers // 2)
-        return init_from_teacher(teacher, scfg.layers or default_layers(teacher.num_layers, n))
+        config = create_model_config(scfg.preset) if scfg.preset else None  # checked against the teacher
+        if config is not None and scfg.n_layers:
+            config.n_layers = scfg.n_layers
+        n = config.n_layers if config is not None else scfg.n_layers or max(1, teacher.num_layers // 2)
+        return init_from_teacher(teacher, scfg.layers or default_layers(teacher.num_layers, n), config=config)
     if scfg.init == "random":
         config = (create_model_config(scfg.preset) if scfg.preset
                   else config_from_teacher(teacher.config, n_layers=scfg.n_layers))
@@ -230,6 +234,22 @@ class StopRequest:
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def adapt_only(recipe: Recipe) -> dict[str, Any]:
+    """Adapt (or reuse the cached adaptation of) the recipe's teacher without distilling; returns its
+    adapt_report.json plus the adapted teacher's directory. `distill/run.py RECIPE --adapt-only`."""
+    if recipe.teacher.adapt.steps == 0:
+        raise RecipeError("teacher.adapt.steps is 0: nothing to adapt; set teacher.adapt.steps=N (e.g. 600)")
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    tokenizer = get_tokenizer(recipe.tokenizer)
+    with accelerator.main_process_first():
+        corpus = build_corpus(recipe.data, tokenizer)
+        path = adapt_teacher(recipe.teacher.name_or_path, tokenizer, corpus, corpus_identity(recipe.data, tokenizer),
+                             recipe.teacher.adapt, recipe.masking, device=accelerator.device)
+    return {"adapted_teacher": str(path), **json.loads((path / "adapt_report.json").read_text())}
 
 
 # ------------------------------------------------------------------------------------------ the run

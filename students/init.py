@@ -9,7 +9,7 @@ embeddings, so the student's embedding output equals the teacher's exactly inste
 from __future__ import annotations
 
 import torch
-from transformers import BertForMaskedLM
+from transformers import BertForMaskedLM, DistilBertConfig
 
 from students.config import config_from_teacher
 from students.modeling import DistilBERTForMaskedLM
@@ -51,7 +51,11 @@ TOKEN_TYPE_KEY = "bert.embeddings.token_type_embeddings.weight"
 
 
 def default_layers(n_teacher: int, n_student: int) -> list[int]:
-    """The reference's [0, 2, 4, 7, 9, 11] for 6 of 12; otherwise evenly spaced from first to last."""
+    """Teacher layers for an n_student-layer student: evenly spaced from the first to the last layer.
+
+    For 6 of 12 this is exactly the reference's [0, 2, 4, 7, 9, 11] (every other layer, ending on the last,
+    whose output the cosine loss aligns); [0, 2, 5] for 3 of 6, [0, 4, 7, 11] for 4 of 12.
+    """
     if (n_teacher, n_student) == (12, 6):
         return [0, 2, 4, 7, 9, 11]
     if n_student == 1:
@@ -69,12 +73,26 @@ def key_mapping(layers: list[int]) -> dict[str, str]:
     return mapping
 
 
-def init_from_teacher(teacher, layers: list[int] | None = None) -> DistilBERTForMaskedLM:
+def check_compatible(student: DistilBertConfig, teacher_shaped: DistilBertConfig) -> None:
+    """Refuse a student config whose tensor shapes differ from the teacher's (one line naming each)."""
+    fields = {"dim": "hidden_size", "n_heads": "num_attention_heads", "hidden_dim": "intermediate_size",
+              "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings"}
+    bad = [f"student {ours}={getattr(student, ours)} vs teacher {theirs}={getattr(teacher_shaped, ours)}"
+           for ours, theirs in fields.items() if getattr(student, ours) != getattr(teacher_shaped, ours)]
+    if bad:
+        raise ValueError(f"cannot initialise this student from the teacher ({'; '.join(bad)}): copying layers needs "
+                         "the teacher's shapes; drop the student preset, or use student.init=random")
+
+
+def init_from_teacher(teacher, layers: list[int] | None = None,
+                      config: DistilBertConfig | None = None) -> DistilBERTForMaskedLM:
     """A `DistilBERTForMaskedLM` with the teacher's width and the chosen teacher layers.
 
     `teacher`: a `transformers.BertForMaskedLM` or a `teachers.Teacher`. `layers`: teacher layer indices,
-    one per student layer (default: `default_layers` for half the depth). Raises ValueError for layer
-    lists out of range and for teachers DistilBERT cannot represent.
+    one per student layer (default: `default_layers` for half the depth). `config`: an intended student
+    config (e.g. a preset) to check against the teacher — its width, heads, FFN size, vocabulary and
+    positions must be the teacher's, since the tensors are copied. Raises ValueError for layer lists out
+    of range, incompatible configs and teachers DistilBERT cannot represent.
     """
     model: BertForMaskedLM = getattr(teacher, "model", teacher)
     c = model.config
@@ -84,8 +102,13 @@ def init_from_teacher(teacher, layers: list[int] | None = None) -> DistilBERTFor
     layers = list(layers)
     if not layers or any(not 0 <= i < n_teacher for i in layers):
         raise ValueError(f"student layers {layers} must be non-empty indices in [0, {n_teacher - 1}]")
-    config = config_from_teacher(c, n_layers=len(layers))
-    student = DistilBERTForMaskedLM(config)
+    derived = config_from_teacher(c, n_layers=len(layers))
+    if config is not None:
+        check_compatible(config, derived)
+        if config.n_layers != len(layers):
+            raise ValueError(f"student n_layers={config.n_layers} but {len(layers)} teacher layers {layers} were "
+                             "chosen; give one teacher layer per student layer")
+    student = DistilBERTForMaskedLM(derived)
     t_state = model.state_dict()
     decoder = model.cls.predictions.decoder.weight
     if decoder.data_ptr() != model.bert.embeddings.word_embeddings.weight.data_ptr() and not torch.equal(

@@ -203,3 +203,31 @@ def test_intermediate_losses_and_bf16(tiny_teacher_dir, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/total" in x]
     assert rows and all(r["loss/hidden_mse"] > 0 and r["loss/attn"] > 0 and r["loss/mse"] > 0 for r in rows)
     assert all(math.isfinite(r["loss/total"]) for r in rows)
+
+
+def test_adapt_only_adapts_once_then_reuses_and_refuses_zero_steps(tiny_teacher_dir, tmp_path):
+    cmd = [sys.executable, "distill/run.py", str(TINY), "--adapt-only", f"teacher.name_or_path={tiny_teacher_dir}",
+           f"output_dir={tmp_path / 'run'}", "teacher.adapt.steps=2", "teacher.adapt.batch_size=4",
+           "teacher.adapt.eval_batches=1"]
+    e = dict(env(), DISTILBERT_KIT_CACHE=str(tmp_path / "cache"))
+    first = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    adapted = Path(report["adapted_teacher"])
+    assert adapted.parent == tmp_path / "cache" / "teachers" and report["steps"] == 2
+    assert (adapted / "model.safetensors").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    again = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "reusing adapted teacher" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == report
+    zero = subprocess.run([*cmd, "teacher.adapt.steps=0"], cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=300)
+    assert zero.returncode == 2 and zero.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "teacher.adapt.steps is 0" in zero.stderr
+
+
+def test_student_preset_of_another_width_than_the_teacher_is_refused(tiny_teacher_dir, tmp_path):
+    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
+           f"output_dir={tmp_path / 'run'}", "student.preset=minilm-l6-h384"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "student dim=384 vs teacher hidden_size=32" in proc.stderr.strip().splitlines()[-1]

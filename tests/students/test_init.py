@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, DistilBertConfig
 
 from students import DistilBERTForMaskedLM
 from students.init import DROPPED, EMBEDDING_AND_HEAD_MAP, default_layers, init_from_teacher, key_mapping
@@ -41,6 +41,7 @@ def test_default_layers():
     assert default_layers(12, 6) == [0, 2, 4, 7, 9, 11]
     assert default_layers(6, 3) == [0, 2, 5]
     assert default_layers(4, 1) == [3]
+    assert default_layers(12, 4) == [0, 4, 7, 11]
 
 
 def test_all_layers_reproduce_teacher_logits():
@@ -77,3 +78,17 @@ def test_incompatible_teachers_and_layers_are_refused():
     bad.config.hidden_act = "silu"
     with pytest.raises(ValueError, match="hidden_act"):
         init_from_teacher(bad)
+
+
+def test_student_config_with_other_width_or_heads_is_refused():
+    teacher = random_bert(layers=4, hidden=48, heads=3)
+    fits = init_from_teacher(teacher, layers=[0, 3], config=DistilBertConfig(
+        vocab_size=120, dim=48, n_heads=3, hidden_dim=80, n_layers=2, max_position_embeddings=40))
+    assert fits.config.dim == 48 and fits.config.n_layers == 2
+    wide = DistilBertConfig(vocab_size=120, dim=64, n_heads=4, hidden_dim=80, n_layers=2, max_position_embeddings=40)
+    with pytest.raises(ValueError, match=r"student dim=64 vs teacher hidden_size=48; "
+                                         r"student n_heads=4 vs teacher num_attention_heads=3"):
+        init_from_teacher(teacher, layers=[0, 3], config=wide)
+    deeper = DistilBertConfig(vocab_size=120, dim=48, n_heads=3, hidden_dim=80, n_layers=3, max_position_embeddings=40)
+    with pytest.raises(ValueError, match="n_layers=3 but 2 teacher layers"):
+        init_from_teacher(teacher, layers=[0, 3], config=deeper)
