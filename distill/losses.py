@@ -109,10 +109,14 @@ def _soft_target_rows_fn(compile: bool):
     return _compiled_soft_target_rows
 
 
-def _chunk_rows(vocab_size: int) -> int:
-    # < 8M floats (32 MB) per (rows, V) temporary: under glibc's 32 MB mmap ceiling, so the allocator
-    # reuses heap memory instead of mapping and unmapping vocabulary-sized buffers every step.
-    return max(1, ((1 << 23) - (1 << 16)) // vocab_size)
+def _chunk_rows(vocab_size: int, device: torch.device) -> int:
+    if device.type == "cpu":
+        # < 8M floats (32 MB) per (rows, V) temporary: under glibc's 32 MB mmap ceiling, so the allocator
+        # reuses heap memory instead of mapping and unmapping vocabulary-sized buffers every step.
+        return max(1, ((1 << 23) - (1 << 16)) // vocab_size)
+    # GPUs: the caching allocator reuses blocks, and small chunks would leave the GEMMs and kernel launches
+    # underused; 128M floats (512 MB) per temporary (~4,400 rows for BERT's vocabulary) keeps memory bounded.
+    return max(1, (1 << 27) // vocab_size)
 
 
 class _FusedVocabLosses(torch.autograd.Function):
@@ -138,7 +142,7 @@ class _FusedVocabLosses(torch.autograd.Function):
         grad_b = torch.zeros_like(b, dtype=torch.float32) if need_grad else None
         sums = torch.zeros(3, dtype=torch.float32, device=h.device)  # ce, mlm, mse
         ce_scale = T * weights.alpha_ce / n_ce  # d(a_ce * T^2 KL / n_ce)/ds = ce_scale * (q - p)
-        step = _chunk_rows(W.size(0))
+        step = _chunk_rows(W.size(0), h.device)
         soft_target = _soft_target_rows_fn(weights.compile)
         for i in range(0, h.size(0), step):
             hc = h[i : i + step]
@@ -175,7 +179,11 @@ class _FusedVocabLosses(torch.autograd.Function):
                     continue
                 gc = g.to(dtype)
                 grad_h[i : i + step] = (gc @ Wc).float().mul_(scale)
-                grad_W.addmm_(gc.t().float(), hc.float(), alpha=scale)
+                if dtype in (torch.bfloat16, torch.float16):
+                    # a half-precision GEMM (fp32 accumulation inside), as autocast's backward; summed in fp32
+                    grad_W.add_(gc.t() @ hc, alpha=scale)
+                else:
+                    grad_W.addmm_(gc.t().float(), hc.float(), alpha=scale)
                 grad_b.add_(g.sum(0), alpha=scale)
         ce, mlm, mse = sums[0] / n_ce, sums[1] / n_mlm, sums[2] / n_ce
         total = weights.alpha_ce * ce + weights.alpha_mlm * mlm + weights.alpha_mse * mse

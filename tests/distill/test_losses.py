@@ -58,7 +58,7 @@ def test_hidden_and_logit_mse_and_attention_kl():
 
 @pytest.mark.parametrize("alphas", [(5.0, 2.0, 0.0), (1.0, 0.0, 0.5), (0.0, 1.0, 0.0)])
 def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
-    monkeypatch.setattr("distill.losses._chunk_rows", lambda V: 3)  # force several chunks
+    monkeypatch.setattr("distill.losses._chunk_rows", lambda V, device: 3)  # force several chunks
     N, C, Ct, V = 10, 6, 5, 23
     h = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
     W = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
@@ -83,6 +83,27 @@ def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
         torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
     if alphas[0]:
         torch.testing.assert_close(ce.double(), ref_ce.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_vocab_losses_in_bf16_follow_fp32(monkeypatch):
+    """Half-precision inputs (the autocast path) give fp32 gradients within bf16 rounding."""
+    monkeypatch.setattr("distill.losses._chunk_rows", lambda V, device: 4)
+    N, C, V = 12, 16, 40
+    h, W, b = torch.randn(N, C), torch.randn(V, C) * 0.3, torch.randn(V)
+    h_t, W_t, b_t = torch.randn(N, C), torch.randn(V, C) * 0.3, torch.randn(V)
+    labels = torch.full((N,), -100)
+    labels[[0, 5, 11]] = torch.tensor([1, 7, 39])
+    w = VocabLossWeights(5.0, 2.0, 0.0, temperature=2.0)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (h, W, b)]
+        total, *_ = fused_vocab_losses(*xs, h_t.to(dtype), W_t.to(dtype), b_t.to(dtype), labels, w, N, 3)
+        total.backward()
+        results.append((total.float(), [x.grad.float() for x in xs]))
+    (t32, g32), (t16, g16) = results
+    torch.testing.assert_close(t16, t32, rtol=2e-2, atol=2e-2)
+    for got, exp in zip(g16, g32):
+        torch.testing.assert_close(got, exp, rtol=5e-2, atol=5e-2 * exp.abs().max().item())
 
 
 def test_fused_without_grad_returns_values_only():
