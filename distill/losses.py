@@ -131,12 +131,12 @@ class _FusedVocabLosses(torch.autograd.Function):
     over (n, V), not the matmuls, dominate the step)."""
 
     @staticmethod
-    def forward(ctx, h, W, b, h_t, W_t, b_t, labels, weights: VocabLossWeights, n_ce, n_mlm):
+    def forward(ctx, h, W, b, h_t, W_t, b_t, labels, weights: VocabLossWeights, n_ce, n_mlm, dtype):
         T = weights.temperature
         need_grad = any(ctx.needs_input_grad[:3])
-        dtype = h.dtype
-        Wc, bc = W.to(dtype), b.to(dtype)
-        W_tc, b_tc = W_t.to(h_t.dtype), b_t.to(h_t.dtype)
+        Wc, bc = W.to(dtype), b.to(dtype)  # dtype: the GEMMs' (autocast's, else h's)
+        t_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else h_t.dtype
+        W_tc, b_tc = W_t.to(t_dtype), b_t.to(t_dtype)
         grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
         grad_W = torch.zeros_like(W, dtype=torch.float32) if need_grad else None
         grad_b = torch.zeros_like(b, dtype=torch.float32) if need_grad else None
@@ -145,9 +145,10 @@ class _FusedVocabLosses(torch.autograd.Function):
         step = _chunk_rows(W.size(0), h.device)
         soft_target = _soft_target_rows_fn(weights.compile)
         for i in range(0, h.size(0), step):
-            hc = h[i : i + step]
+            hc = h[i : i + step].to(dtype)
             s = torch.addmm(bc, hc, Wc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = s / T
-            t = torch.addmm(b_tc, h_t[i : i + step], W_tc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = t / T
+            hc_t = h_t[i : i + step].to(t_dtype)
+            t = torch.addmm(b_tc, hc_t, W_tc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = t / T
             g, scale = None, 1.0  # the chunk's logit gradient is scale * g
             if weights.alpha_ce:
                 kl, q_minus_p = soft_target(s, t)  # (n,), (n, V)
@@ -198,7 +199,7 @@ class _FusedVocabLosses(torch.autograd.Function):
         if grad_total.item() != 1.0:  # in place: these buffers are ours and used once
             for g in (grad_h, grad_W, grad_b):
                 g.mul_(grad_total)
-        return grad_h, grad_W, grad_b, *([None] * 7)
+        return grad_h, grad_W, grad_b, *([None] * 8)
 
 
 def fused_vocab_losses(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, h_t: torch.Tensor, W_t: torch.Tensor,
@@ -207,7 +208,11 @@ def fused_vocab_losses(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, h_t: t
     """(total, ce, mlm, mse) for rows h (N, C) with labels (N,) (-100: no MLM target), where
     total = a_ce * soft_target_loss(s, t, T, n_ce) + a_mlm * mlm_loss(s, labels, n_mlm)
             + a_mse * logit_mse_loss(s, t, n_ce), s = h W^T + b, t = h_t W_t^T + b_t.
-    Memory: O(chunk x V) instead of O(N x V) for logits, probabilities and their gradients."""
-    with torch.autocast(h.device.type, enabled=False):
+    Memory: O(chunk x V) instead of O(N x V) for logits, probabilities and their gradients.
+    Under autocast the vocabulary GEMMs run in autocast's dtype (as a Linear would); the softmax
+    arithmetic and the gradient sums are fp32."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    with torch.autocast(device, enabled=False):
         return _FusedVocabLosses.apply(h, W, b, h_t, W_t, b_t, labels, weights, float(max(n_ce, 1)),
-                                       float(max(n_mlm, 1)))
+                                       float(max(n_mlm, 1)), dtype)

@@ -104,6 +104,11 @@ def test_fused_vocab_losses_in_bf16_follow_fp32(monkeypatch):
     torch.testing.assert_close(t16, t32, rtol=2e-2, atol=2e-2)
     for got, exp in zip(g16, g32):
         torch.testing.assert_close(got, exp, rtol=5e-2, atol=5e-2 * exp.abs().max().item())
+    # fp32 inputs under bf16 autocast run the same bf16 GEMMs as bf16 inputs (as a Linear would).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_auto, *_ = fused_vocab_losses(h, W, b, h_t, W_t, b_t, labels, w, N, 3)
+    torch.testing.assert_close(t_auto, t16, rtol=1e-6, atol=1e-6)
+    assert (t_auto - t32).abs() > 1e-6
 
 
 def test_fused_without_grad_returns_values_only():
