@@ -23,6 +23,7 @@ Latency: our DistilBERTModel vs transformers' DistilBertModel, bf16 weights, inf
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -99,6 +100,13 @@ def make_models(shape: str, device: torch.device):
     return bert, student.to(device), s
 
 
+def sdpa_config(config: transformers.DistilBertConfig) -> transformers.DistilBertConfig:
+    """Our student's config (a DistilBertConfig) for transformers' own classes, with SDPA attention."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def ours(shape: str, mode: str, data, warmup: int, device: torch.device) -> dict:
     bert, student, s = make_models(shape, device)
     teacher = Teacher(bert)
@@ -124,10 +132,7 @@ def ours(shape: str, mode: str, data, warmup: int, device: torch.device) -> dict
 
 def reference(shape: str, mode: str, data, warmup: int, device: torch.device) -> dict:
     bert, ours_student, s = make_models(shape, device)
-    config = transformers.DistilBertConfig(**{k: v for k, v in ours_student.config.to_dict().items()
-                                              if k in transformers.DistilBertConfig().to_dict()})
-    config._attn_implementation = "sdpa"
-    student = transformers.DistilBertForMaskedLM(config)
+    student = transformers.DistilBertForMaskedLM(sdpa_config(ours_student.config))
     student.load_state_dict(ours_student.state_dict())
     student.to(device).train()
     del ours_student
@@ -160,10 +165,7 @@ def latency(shape: str, batch: int, runs: int, device: torch.device) -> dict:
     _, student, _ = make_models(shape, device)
     mine = DistilBERTModel(student.config)
     mine.load_state_dict(student.distilbert.state_dict())
-    config = transformers.DistilBertConfig(**{k: v for k, v in student.config.to_dict().items()
-                                              if k in transformers.DistilBertConfig().to_dict()})
-    config._attn_implementation = "sdpa"
-    theirs = transformers.DistilBertModel(config)
+    theirs = transformers.DistilBertModel(sdpa_config(student.config))
     theirs.load_state_dict(student.distilbert.state_dict())
     ids = torch.randint(1000, VOCAB, (batch, 128), device=device)
     mask = torch.ones_like(ids)
