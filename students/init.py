@@ -56,8 +56,6 @@ def default_layers(n_teacher: int, n_student: int) -> list[int]:
     For 6 of 12 this is exactly the reference's [0, 2, 4, 7, 9, 11] (every other layer, ending on the last,
     whose output the cosine loss aligns); [0, 2, 5] for 3 of 6, [0, 4, 7, 11] for 4 of 12.
     """
-    if (n_teacher, n_student) == (12, 6):
-        return [0, 2, 4, 7, 9, 11]
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
