@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_bf16.py                   # on a CUDA GPU; writes --json if given
     python benchmarks/gpu_bf16.py --device cpu --shape tiny --steps 2 --warmup 1    # smoke test
+    python benchmarks/gpu_bf16.py --impls ours --compile-loss --no-latency          # compiled soft targets
 
 Shape bert-base: a 12 x 768 BERT teacher -> 6 x 768 DistilBERT student initialised from teacher layers
 [0, 2, 4, 7, 9, 11], real 30,522-token vocabulary, random weights (timing does not depend on values).
@@ -107,12 +108,12 @@ def sdpa_config(config: transformers.DistilBertConfig) -> transformers.DistilBer
     return config
 
 
-def ours(shape: str, mode: str, data, warmup: int, device: torch.device) -> dict:
+def ours(shape: str, mode: str, data, warmup: int, device: torch.device, compile_loss: bool = False) -> dict:
     bert, student, s = make_models(shape, device)
     teacher = Teacher(bert)
     cfg = LossConfig(restrict_ce_to_mask=(mode == "masked"))
     pairs = layer_pairs(cfg, s["student_layers"], s["teacher_layers"])
-    model = DistillationModel(student, s["hidden"], cfg, pairs, False).to(device).train()
+    model = DistillationModel(student, s["hidden"], cfg, pairs, compile_loss).to(device).train()
     opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
     def step(b):
@@ -130,7 +131,7 @@ def ours(shape: str, mode: str, data, warmup: int, device: torch.device) -> dict
     return timed(step, data, warmup, device)
 
 
-def reference(shape: str, mode: str, data, warmup: int, device: torch.device) -> dict:
+def reference(shape: str, mode: str, data, warmup: int, device: torch.device, compile_loss: bool = False) -> dict:
     bert, ours_student, s = make_models(shape, device)
     student = transformers.DistilBertForMaskedLM(sdpa_config(ours_student.config))
     student.load_state_dict(ours_student.state_dict())
@@ -195,20 +196,24 @@ def main() -> None:
     p.add_argument("--batches", default="32x128,32x512", help="comma-separated BxL settings")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--impls", default="ours,reference", help="which steps to time: ours, reference")
+    p.add_argument("--compile-loss", action="store_true", help="ours with train.compile_loss: true")
+    p.add_argument("--no-latency", action="store_true", help="skip the inference latency comparison")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, transformers {transformers.__version__}, shape {args.shape}")
     results = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-               "shape": args.shape, "steps": []}
+               "shape": args.shape, "compile_loss": args.compile_loss, "steps": []}
+    impls = {"ours": ours, "reference": reference}
     for setting in args.batches.split(","):
         B, L = map(int, setting.split("x"))
         data = batches(args.warmup + args.steps, B, L, device)
         for mode in ("all", "masked"):
-            for impl, fn in (("ours", ours), ("reference", reference)):
+            for impl in args.impls.split(","):
                 try:
-                    r = fn(args.shape, mode, data, args.warmup, device)
+                    r = impls[impl](args.shape, mode, data, args.warmup, device, args.compile_loss)
                 except torch.OutOfMemoryError:
                     r = {"error": "out of memory"}
                 r = {"impl": impl, "mode": mode, "batch": setting, **r}
@@ -216,7 +221,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    for batch in (1, 32):
+    for batch in () if args.no_latency else (1, 32):
         r = {"latency_batch": batch, "seq": 128, **latency(args.shape, batch, 50 if device.type == "cuda" else 3,
                                                           device)}
         results.setdefault("latency_ms", []).append(r)
