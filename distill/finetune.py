@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from distill.losses import soft_target_loss
 from distill.metrics import compute_classification_loss, evaluate_classification_metrics
 from distill.recipes import FinetuneRecipe
 from distill.tasks import load_classification, split_loader
-from distill.train import optimizer_groups
+from distill.train import optimizer_groups, share_cpu_cores
 from students.modeling import DistilBERTForSequenceClassification, resolve_model_dir
 from students.tokenizer import get_tokenizer
 
@@ -56,8 +55,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     run_dir = Path(recipe.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracking.log_with(recipe.tracking),
                               project_dir=str(run_dir))
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    share_cpu_cores(accelerator)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,8 @@ class _FusedVocabLosses(torch.autograd.Function):
         T = weights.temperature
         need_grad = any(ctx.needs_input_grad[:3])
         Wc, bc = W.to(dtype), b.to(dtype)  # dtype: the GEMMs' (autocast's, else h's)
-        t_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else h_t.dtype
+        half = dtype in (torch.bfloat16, torch.float16)
+        t_dtype = dtype if half else h_t.dtype
         W_tc, b_tc = W_t.to(t_dtype), b_t.to(t_dtype)
         grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
         grad_W = torch.zeros_like(W, dtype=torch.float32) if need_grad else None
@@ -180,7 +181,7 @@ class _FusedVocabLosses(torch.autograd.Function):
                     continue
                 gc = g.to(dtype)
                 grad_h[i : i + step] = (gc @ Wc).float().mul_(scale)
-                if dtype in (torch.bfloat16, torch.float16):
+                if half:
                     # a half-precision GEMM (fp32 accumulation inside), as autocast's backward; summed in fp32
                     grad_W.add_(gc.t() @ hc, alpha=scale)
                 else:

@@ -147,15 +147,24 @@ def scored_rows(batch: dict[str, torch.Tensor], restrict_to_mask: bool) -> torch
 
 
 # ------------------------------------------------------------------------------------------ set-up
+def share_cpu_cores(accelerator: Accelerator) -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores."""
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+
+
+def adapted_teacher(recipe: Recipe, tokenizer, corpus, accelerator: Accelerator) -> Path:
+    """The recipe's teacher after `teacher.adapt` (adapted once on the main process, then cached)."""
+    with accelerator.main_process_first():
+        return adapt_teacher(recipe.teacher.name_or_path, tokenizer, corpus, corpus_identity(recipe.data, tokenizer),
+                             recipe.teacher.adapt, recipe.masking, device=accelerator.device)
+
+
 def build_teacher(recipe: Recipe, tokenizer, corpus, accelerator: Accelerator) -> Teacher:
     """Load the teacher; adapt it first (once, cached) when the recipe asks for it."""
     tcfg = recipe.teacher
     attn = "eager" if recipe.loss.alpha_attn else "sdpa"
-    source = tcfg.name_or_path
-    if tcfg.adapt.steps > 0:
-        with accelerator.main_process_first():
-            source = str(adapt_teacher(tcfg.name_or_path, tokenizer, corpus, corpus_identity(recipe.data, tokenizer),
-                                       tcfg.adapt, recipe.masking, device=accelerator.device))
+    source = str(adapted_teacher(recipe, tokenizer, corpus, accelerator)) if tcfg.adapt.steps > 0 else tcfg.name_or_path
     teacher = Teacher.load(source, dtype=tcfg.dtype, attn_implementation=attn)
     teacher.check_tokenizer(tokenizer)
     link = Path(recipe.output_dir) / "teacher"
@@ -242,13 +251,11 @@ def adapt_only(recipe: Recipe) -> dict[str, Any]:
     if recipe.teacher.adapt.steps == 0:
         raise RecipeError("teacher.adapt.steps is 0: nothing to adapt; set teacher.adapt.steps=N (e.g. 600)")
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    share_cpu_cores(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
     with accelerator.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer)
-        path = adapt_teacher(recipe.teacher.name_or_path, tokenizer, corpus, corpus_identity(recipe.data, tokenizer),
-                             recipe.teacher.adapt, recipe.masking, device=accelerator.device)
+    path = adapted_teacher(recipe, tokenizer, corpus, accelerator)
     return {"adapted_teacher": str(path), **json.loads((path / "adapt_report.json").read_text())}
 
 
@@ -260,9 +267,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     run_dir = Path(recipe.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracking.log_with(recipe.tracking),
                               project_dir=str(run_dir))
-    if accelerator.device.type == "cpu":
-        # `accelerate launch` sets OMP_NUM_THREADS=1; give each process its share of the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    share_cpu_cores(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
         raise RecipeError(f"train.batch_size={cfg.batch_size} must be a multiple of the {world} processes")
