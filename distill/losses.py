@@ -79,13 +79,31 @@ def attention_kl_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------ fused vocabulary losses
+KERNELS = ("eager", "compiled", "triton")
+
+
 @dataclass
 class VocabLossWeights:
     alpha_ce: float
     alpha_mlm: float
     alpha_mse: float
     temperature: float
-    compile: bool = False  # fuse the soft-target arithmetic with torch.compile (needs a C++ compiler on CPU)
+    # How the per-row arithmetic over (n, V) runs: "eager" (PyTorch ops; the CPU default), "compiled"
+    # (those ops fused by torch.compile; needs a C++ compiler on CPU) or "triton" (distill.kernels: two
+    # passes, gradient written in place; the CUDA default).
+    kernel: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"vocabulary loss kernel {self.kernel!r} is not one of {KERNELS}")
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return bool(self.alpha_ce or self.alpha_mse)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.alpha_ce or self.alpha_mlm or self.alpha_mse)
 
 
 def soft_target_rows(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +133,42 @@ def _chunk_rows(vocab_size: int, device: torch.device) -> int:
         # reuses heap memory instead of mapping and unmapping vocabulary-sized buffers every step.
         return max(1, ((1 << 23) - (1 << 16)) // vocab_size)
     # GPUs: the caching allocator reuses blocks, and small chunks would leave the GEMMs and kernel launches
-    # underused; 128M floats (512 MB) per temporary (~4,400 rows for BERT's vocabulary) keeps memory bounded.
+    # underused; 128M elements per temporary (~4,400 rows for BERT's vocabulary) keeps memory bounded.
     return max(1, (1 << 27) // vocab_size)
+
+
+def _eager_rows(s: torch.Tensor, t: torch.Tensor | None, lab: torch.Tensor, weights: VocabLossWeights,
+                scales: list[float], sums: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor | None, float]:
+    """The per-row arithmetic of one chunk with PyTorch ops (fp32 s, t). Adds the chunk's (KL·T², MLM NLL,
+    squared difference) sums into `sums`; returns (g, scale): the logit gradient is scale * g (None: zero).
+    The scale is applied to the (n, C) GEMM outputs, not to the (n, V) g: one pass fewer on the CPU."""
+    T = weights.temperature
+    c_ce, c_mlm, c_mse = scales
+    g, scale = None, 1.0
+    if weights.alpha_ce:
+        kl, q_minus_p = _soft_target_rows_fn(weights.kernel == "compiled")(s, t)  # (n,), (n, V)
+        sums[0] += kl.sum() * T * T
+        if need_grad:
+            g, scale = q_minus_p, c_ce
+    if weights.alpha_mlm:
+        keep = lab != -100  # on the CPU this indexing costs nothing; CUDA steps use the Triton kernel
+        log_s = F.log_softmax(s[keep] * T, dim=-1)  # (k, V), the student at T = 1
+        target = lab[keep]
+        sums[1] += -log_s.gather(1, target[:, None]).sum()
+        if need_grad:
+            gm = log_s.exp_()
+            gm[torch.arange(gm.size(0), device=gm.device), target] -= 1
+            if g is None:
+                g, scale = torch.zeros_like(s), c_mlm
+            g[keep] += gm * (c_mlm / scale)
+    if weights.alpha_mse:
+        diff = (s - t) * T
+        sums[2] += (diff * diff).sum()
+        if need_grad:
+            if g is None:
+                g, scale = torch.zeros_like(s), c_mse
+            g += diff * (c_mse / scale)
+    return g, scale
 
 
 class _FusedVocabLosses(torch.autograd.Function):
@@ -127,8 +179,8 @@ class _FusedVocabLosses(torch.autograd.Function):
 
     Per row, with s' = s/T, t' = t/T, p = softmax(t'), q = softmax(s'):
         KL(p || q) = sum_v p_v (t'_v - s'_v) - lse(t') + lse(s'),   d(T^2 KL)/ds = T (q - p)
-    (`soft_target_rows`; optionally compiled into one fused loop, since on CPU these elementwise passes
-    over (n, V), not the matmuls, dominate the step)."""
+    The normalisers n_ce, n_mlm may be device tensors: the Triton kernel reads them on the device, so a
+    CUDA step never waits for the GPU here."""
 
     @staticmethod
     def forward(ctx, h, W, b, h_t, W_t, b_t, labels, weights: VocabLossWeights, n_ce, n_mlm, dtype):
@@ -137,56 +189,51 @@ class _FusedVocabLosses(torch.autograd.Function):
         Wc, bc = W.to(dtype), b.to(dtype)  # dtype: the GEMMs' (autocast's, else h's)
         half = dtype in (torch.bfloat16, torch.float16)
         t_dtype = dtype if half else h_t.dtype
-        W_tc, b_tc = W_t.to(t_dtype), b_t.to(t_dtype)
+        need_t = weights.needs_teacher_logits
+        W_tc, b_tc = (W_t.to(t_dtype), b_t.to(t_dtype)) if need_t else (None, None)
         grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
         grad_W = torch.zeros_like(W, dtype=torch.float32) if need_grad else None
         grad_b = torch.zeros_like(b, dtype=torch.float32) if need_grad else None
-        sums = torch.zeros(3, dtype=torch.float32, device=h.device)  # ce, mlm, mse
-        ce_scale = T * weights.alpha_ce / n_ce  # d(a_ce * T^2 KL / n_ce)/ds = ce_scale * (q - p)
+        # d(loss)/d(raw logit) coefficients: c_ce (q - p), c_mlm (softmax - onehot), c_mse (s - t) T.
+        scales = torch.stack([T * weights.alpha_ce / n_ce, weights.alpha_mlm / n_mlm, 2 * weights.alpha_mse / n_ce])
+        triton_kernel = weights.kernel == "triton"
+        if triton_kernel:
+            from distill.kernels import vocab_rows
+
+            row_sums = []
+        else:
+            host_scales = scales.tolist()  # on the CPU this is free
+            sums = torch.zeros(3, dtype=torch.float32, device=h.device)  # ce, mlm, mse
         step = _chunk_rows(W.size(0), h.device)
-        soft_target = _soft_target_rows_fn(weights.compile)
         for i in range(0, h.size(0), step):
             hc = h[i : i + step].to(dtype)
-            s = torch.addmm(bc, hc, Wc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = s / T
-            hc_t = h_t[i : i + step].to(t_dtype)
-            t = torch.addmm(b_tc, hc_t, W_tc.t(), beta=1 / T, alpha=1 / T).float()  # (n, V) = t / T
-            g, scale = None, 1.0  # the chunk's logit gradient is scale * g
-            if weights.alpha_ce:
-                kl, q_minus_p = soft_target(s, t)  # (n,), (n, V)
-                sums[0] += kl.sum() * T * T
-                if need_grad:
-                    g, scale = q_minus_p, ce_scale
+            s = torch.addmm(bc, hc, Wc.t(), beta=1 / T, alpha=1 / T)  # (n, V) = s / T, in the GEMM's dtype
+            t = None
+            if need_t:
+                hc_t = h_t[i : i + step].to(t_dtype)
+                t = torch.addmm(b_tc, hc_t, W_tc.t(), beta=1 / T, alpha=1 / T)  # (n, V) = t / T
             lab = labels[i : i + step]
-            keep = lab != -100
-            if weights.alpha_mlm and bool(keep.any()):
-                log_s = F.log_softmax(s[keep] * T, dim=-1)  # (k, V), the student at T = 1
-                target = lab[keep]
-                sums[1] += -log_s.gather(1, target[:, None]).sum()
-                if need_grad:
-                    gm = log_s.exp_()
-                    gm[torch.arange(gm.size(0), device=gm.device), target] -= 1
-                    if g is None:
-                        g, scale = torch.zeros_like(s), weights.alpha_mlm / n_mlm
-                    g[keep] += gm * (weights.alpha_mlm / n_mlm / scale)
-            if weights.alpha_mse:
-                diff = (s - t) * T
-                sums[2] += (diff * diff).sum()
-                if need_grad:
-                    if g is None:
-                        g, scale = torch.zeros_like(s), 2 * weights.alpha_mse / n_ce
-                    g += diff * (2 * weights.alpha_mse / n_ce / scale)
+            if triton_kernel:
+                row_sums.append(vocab_rows(s, t, lab, scales, T, bool(weights.alpha_ce), bool(weights.alpha_mlm),
+                                           bool(weights.alpha_mse), need_grad).sum(0))
+                g, scale = s, 1.0  # the kernel wrote the (scaled) logit gradient over s
+            else:
+                g, scale = _eager_rows(s.float(), None if t is None else t.float(), lab, weights, host_scales, sums,
+                                       need_grad)
             if need_grad:
                 if g is None:
                     grad_h[i : i + step] = 0
                     continue
                 gc = g.to(dtype)
-                grad_h[i : i + step] = (gc @ Wc).float().mul_(scale)
+                grad_h[i : i + step] = (gc @ Wc).float().mul_(scale) if scale != 1.0 else gc @ Wc
                 if half:
                     # a half-precision GEMM (fp32 accumulation inside), as autocast's backward; summed in fp32
                     grad_W.add_(gc.t() @ hc, alpha=scale)
                 else:
                     grad_W.addmm_(gc.t().float(), hc.float(), alpha=scale)
-                grad_b.add_(g.sum(0), alpha=scale)
+                grad_b.add_(g.sum(0, dtype=torch.float32), alpha=scale)
+        if triton_kernel:
+            sums = torch.stack(row_sums).sum(0) if row_sums else torch.zeros(3, device=h.device)
         ce, mlm, mse = sums[0] / n_ce, sums[1] / n_mlm, sums[2] / n_ce
         total = weights.alpha_ce * ce + weights.alpha_mlm * mlm + weights.alpha_mse * mse
         if need_grad:
@@ -197,23 +244,28 @@ class _FusedVocabLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *_):
         grad_h, grad_W, grad_b = ctx.saved_tensors
-        if grad_total.item() != 1.0:  # in place: these buffers are ours and used once
+        # In place: these buffers are ours and used once. Skipped for a CPU 1.0 (free to test there); on a
+        # GPU, multiplying is cheaper than asking the device what the scale is.
+        if not (grad_total.device.type == "cpu" and grad_total.item() == 1.0):
             for g in (grad_h, grad_W, grad_b):
-                g.mul_(grad_total)
+                g.mul_(grad_total.to(g.dtype))
         return grad_h, grad_W, grad_b, *([None] * 8)
 
 
-def fused_vocab_losses(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, h_t: torch.Tensor, W_t: torch.Tensor,
-                       b_t: torch.Tensor, labels: torch.Tensor, weights: VocabLossWeights,
-                       n_ce: float, n_mlm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_vocab_losses(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor, h_t: torch.Tensor | None,
+                       W_t: torch.Tensor | None, b_t: torch.Tensor | None, labels: torch.Tensor,
+                       weights: VocabLossWeights, n_ce: float | torch.Tensor,
+                       n_mlm: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, ce, mlm, mse) for rows h (N, C) with labels (N,) (-100: no MLM target), where
     total = a_ce * soft_target_loss(s, t, T, n_ce) + a_mlm * mlm_loss(s, labels, n_mlm)
             + a_mse * logit_mse_loss(s, t, n_ce), s = h W^T + b, t = h_t W_t^T + b_t.
+    n_ce, n_mlm: numbers or 0-dim tensors on h's device (counts over all processes), clamped to >= 1.
+    The teacher's rows (h_t, W_t, b_t) are used only when a_ce or a_mse is non-zero.
     Memory: O(chunk x V) instead of O(N x V) for logits, probabilities and their gradients.
     Under autocast the vocabulary GEMMs run in autocast's dtype (as a Linear would); the softmax
     arithmetic and the gradient sums are fp32."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    n_ce, n_mlm = (torch.as_tensor(n, dtype=torch.float32, device=h.device).clamp(min=1) for n in (n_ce, n_mlm))
     with torch.autocast(device, enabled=False):
-        return _FusedVocabLosses.apply(h, W, b, h_t, W_t, b_t, labels, weights, float(max(n_ce, 1)),
-                                       float(max(n_mlm, 1)), dtype)
+        return _FusedVocabLosses.apply(h, W, b, h_t, W_t, b_t, labels, weights, n_ce, n_mlm, dtype)

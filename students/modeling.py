@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +27,101 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+
+
+# --------------------------------------------------------------------------------------- token layout
+@dataclass
+class TokenLayout:
+    """Where the real tokens of a right-padded (B, T) batch are, so an encoder can run on them alone.
+
+    Hidden states in this layout are rows (N, C), N real tokens in batch order; only attention needs the
+    sequence structure (`attend_rows`). Built on the host from the CPU attention mask (`from_mask`), so the
+    device never has to be asked how many tokens a batch holds. `index` is None when nothing is padded
+    (packed blocks): rows are then a plain view of (B * T, C).
+    """
+
+    batch: int
+    seq: int
+    n_tokens: int  # N
+    max_len: int  # longest real sequence
+    positions: torch.Tensor  # (N,) position ids
+    cu_seqlens: torch.Tensor  # (B + 1,) int32 cumulative lengths
+    index: torch.Tensor | None = None  # (N,) flat positions of the real tokens in B * T; None: no padding
+    key_mask: torch.Tensor | None = None  # (B, 1, 1, T) bool, True at real keys; None: no padding
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
+        """From a (B, T) 0/1 mask of right-padded sequences (every row: ones, then zeros), on the CPU."""
+        if attention_mask.device.type != "cpu":
+            raise ValueError("TokenLayout.from_mask needs the CPU attention mask (it is read on the host)")
+        mask = attention_mask.bool()
+        B, T = mask.shape
+        lengths = mask.sum(1)
+        if bool((lengths == 0).any()):
+            raise ValueError("a sequence of the batch has no real token (empty attention_mask row)")
+        if not torch.equal(mask, torch.arange(T)[None, :] < lengths[:, None]):
+            raise ValueError("attention_mask must be right-padded: each row's real tokens first, then padding")
+        n = int(lengths.sum())
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        padded = n < B * T
+        positions = torch.arange(T).expand(B, T)[mask] if padded else torch.arange(T).repeat(B)
+        return cls(batch=B, seq=T, n_tokens=n, max_len=int(lengths.max()), positions=positions, cu_seqlens=cu,
+                   index=mask.view(-1).nonzero().squeeze(1) if padded else None,
+                   key_mask=mask[:, None, None, :] if padded else None)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenLayout:
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=non_blocking)
+
+        return replace(self, positions=move(self.positions), cu_seqlens=move(self.cu_seqlens),
+                       index=move(self.index), key_mask=move(self.key_mask))
+
+    def pin_memory(self) -> TokenLayout:
+        def pin(x):
+            return None if x is None else x.pin_memory()
+
+        return replace(self, positions=pin(self.positions), cu_seqlens=pin(self.cu_seqlens), index=pin(self.index),
+                       key_mask=pin(self.key_mask))
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...): the real tokens' entries."""
+        flat = x.reshape(self.batch * self.seq, *x.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at padding."""
+        if self.index is None:
+            return rows.reshape(self.batch, self.seq, *rows.shape[1:])
+        out = rows.new_zeros(self.batch * self.seq, *rows.shape[1:]).index_copy(0, self.index, rows)
+        return out.view(self.batch, self.seq, *rows.shape[1:])
+
+
+def flash_varlen_supported(q: torch.Tensor) -> bool:
+    """Whether `attend_rows` can use the variable-length flash kernel for these rows (CUDA, fp16/bf16, head
+    size a multiple of 8 up to 256, compute capability 8.0+)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0 and q.size(-1) <= 256
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                dropout_p: float = 0.0) -> torch.Tensor:
+    """Bidirectional attention within each sequence for rows q, k, v (N, nh, hs) -> (N, nh, hs).
+
+    No padding: one dense SDPA call with no mask (the flash kernel on GPUs). Padding, on GPUs: the
+    variable-length flash kernel on the real tokens (`cu_seqlens`), so neither attention nor anything else
+    runs on padding. Otherwise (CPU, fp32): the rows are scattered into (B, T) for one masked SDPA call and
+    gathered back. Every path supports dropout.
+    """
+    N, nh, hs = q.shape
+    B, T = layout.batch, layout.seq
+    if layout.index is not None and flash_varlen_supported(q):
+        out = torch.ops.aten._flash_attention_forward(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_len,
+                                                      layout.max_len, dropout_p, False, False)
+        return out[0]
+    qs, ks, vs = (layout.scatter(x).transpose(1, 2) for x in (q, k, v))  # (B, nh, T, hs)
+    y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=layout.key_mask, dropout_p=dropout_p)
+    return layout.gather(y.transpose(1, 2))  # (N, nh, hs)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -77,6 +173,11 @@ class Embeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (B, T, C)
         return self.dropout(self.LayerNorm(x))
 
+    def rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of token rows: input_ids, positions (N,) -> (N, C)."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
 
 class MultiHeadAttention(nn.Module):
     """Bidirectional multi-head self-attention with a key padding mask.
@@ -99,9 +200,18 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool = False,
+        layout: TokenLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, T, C); mask: (B, 1, 1, T) bool, True where a key may be attended, or None for no padding."""
+        """x: (B, T, C); mask: (B, 1, 1, T) bool, True where a key may be attended, or None for no padding.
+        With a `layout`, x holds token rows (N, C) instead (see `TokenLayout`), and mask is unused."""
+        if layout is not None:
+            N, C = x.shape
+            q = self.q_lin(x).view(N, self.n_heads, self.head_size)  # (N, nh, hs)
+            k = self.k_lin(x).view(N, self.n_heads, self.head_size)
+            v = self.v_lin(x).view(N, self.n_heads, self.head_size)
+            y = attend_rows(q, k, v, layout, self.dropout.p if self.training else 0.0)  # (N, nh, hs)
+            return self.out_lin(y.reshape(N, C)), None
         B, T, C = x.shape
         q = self.q_lin(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_lin(x).view(B, T, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -147,9 +257,12 @@ class TransformerEncoderBlock(nn.Module):
         self.output_layer_norm = LayerNorm(config.dim)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None, output_attentions: bool = False,
+        layout: TokenLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, probs = self.attention(x, mask, output_attentions)
+        """x: (B, T, C) with `mask`, or token rows (N, C) with a `layout` (everything but attention is
+        per token, so it runs on the rows unchanged)."""
+        a, probs = self.attention(x, mask, output_attentions, layout)
         x = self.sa_layer_norm(a + x)  # (B, T, C)
         x = self.output_layer_norm(self.ffn(x) + x)  # (B, T, C)
         return x, probs
@@ -331,6 +444,19 @@ class DistilBERTModel(DistilBERTPreTrainedModel):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def forward_rows(self, input_ids: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, ...]:
+        """Every hidden state (embeddings first) of the real tokens only: n_layers + 1 tensors (N, C).
+
+        input_ids: (B, T) padded as `layout` says. No compute is spent on padding (linear layers, norms and
+        activations run on the N rows; attention as `attend_rows`), and nothing here waits for the device.
+        """
+        x = self.embeddings.rows(layout.gather(input_ids), layout.positions)  # (N, C)
+        hidden_states = [x]
+        for block in self.transformer.layer:
+            x, _ = block(x, None, False, layout)
+            hidden_states.append(x)
+        return tuple(hidden_states)
 
 
 class DistilBERTForMaskedLM(DistilBERTPreTrainedModel):

@@ -1,4 +1,11 @@
-"""BERT-family masked-LM teachers: loaded, frozen, in eval mode, run under `torch.inference_mode()`."""
+"""BERT-family masked-LM teachers: loaded, frozen, in eval mode, run without autograd.
+
+A teacher is loaded as a transformers `BertForMaskedLM` (hub or directory) and then *run* as the kit's own
+encoder: a `DistilBERTForMaskedLM` holding all of its layers (`students.init.init_from_teacher`; the
+token-type row every single-segment input adds is folded into the position embeddings, so the outputs
+equal BERT's). Teacher and student thereby share one implementation of the fast paths (token rows without
+padding, variable-length flash attention, compiled blocks).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,8 @@ import torch
 from transformers import BertForMaskedLM, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
+from students.init import init_from_teacher
+from students.modeling import TokenLayout
 from students.offline import minilm_dir
 from students.tokenizer import get_tokenizer
 
@@ -59,9 +68,15 @@ class Teacher:
     any hidden rows, so distillation computes vocabulary logits only where it needs them."""
 
     def __init__(self, model: BertForMaskedLM, source: str = "teacher"):
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)  # transformers' model: stays on the CPU
         self.config = model.config
         self.source = source
+        try:
+            encoder = init_from_teacher(model, list(range(model.config.num_hidden_layers)))
+        except ValueError as e:
+            raise TeacherError(f"teacher {source}: {e}") from e
+        # What runs: the kit's encoder with every teacher layer, in the teacher's dtype.
+        self.encoder = encoder.to(model.dtype).eval().requires_grad_(False)
 
     @classmethod
     def load(cls, name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> Teacher:
@@ -79,8 +94,13 @@ class Teacher:
         return self.config.num_hidden_layers
 
     def to(self, device: torch.device | str) -> Teacher:
-        self.model.to(device)
+        self.encoder.to(device)
         return self
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The encoder's transformer blocks (compiled one by one when the recipe asks)."""
+        return self.encoder.distilbert.transformer.layer
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, teacher_dir: str | Path | None = None) -> None:
         """Refuse a student tokenizer whose vocabulary differs from the teacher's (same size, and the same
@@ -105,25 +125,26 @@ class Teacher:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  output_attentions: bool = False) -> BaseModelOutput:
-        """Hidden states of every layer (embeddings first), and attention probabilities on request
-        (load with attn_implementation="eager" for those)."""
-        out = self.model.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                              output_attentions=output_attentions)
-        return BaseModelOutput(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
-                               attentions=out.attentions)
+        """Hidden states of every layer (embeddings first), and attention probabilities on request."""
+        return self.encoder.distilbert(input_ids, attention_mask, output_hidden_states=True,
+                                       output_attentions=output_attentions)
+
+    @torch.no_grad()
+    def forward_rows(self, input_ids: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, ...]:
+        """Every hidden state of the real tokens only, (N, C) each (see `TokenLayout`). Under no_grad
+        rather than inference mode, so the student's losses may save these rows for their backward."""
+        return self.encoder.distilbert.forward_rows(input_ids, layout)
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """The MLM head before the vocabulary projection: (..., C) -> (..., C)."""
-        return self.model.cls.predictions.transform(hidden)
+        return self.encoder.transform(hidden)
 
     @property
     def projector(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (V, C), bias (V,)) of the vocabulary projection."""
-        decoder = self.model.cls.predictions.decoder
-        bias = decoder.bias if decoder.bias is not None else self.model.cls.predictions.bias
-        return decoder.weight, bias
+        return self.encoder.vocab_projector.weight, self.encoder.vocab_projector.bias
 
     @torch.inference_mode()
     def predict_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits for any hidden rows: (..., C) -> (..., V)."""
-        return self.model.cls(hidden)
+        return self.encoder.predict_tokens(hidden)
