@@ -328,13 +328,16 @@ class _SliceSampler:
 
 
 def train_loader(ds: datasets.Dataset, sampler: GlobalBatchSampler, collate_fn, rank: int, world: int,
-                 start_batch: int = 0, num_workers: int = 0, seed: int = 0) -> torch.utils.data.DataLoader:
-    """An endless loader of this process's slices of the global batches, starting at `start_batch`."""
+                 start_batch: int = 0, num_workers: int = 0, seed: int = 0,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """An endless loader of this process's slices of the global batches, starting at `start_batch`.
+    pin_memory: page-locked batches, so copies to a GPU run asynchronously (the trainer sets it on CUDA)."""
     return torch.utils.data.DataLoader(
         KeyedDataset(ds, seed),
         batch_sampler=_SliceSampler(sampler.iterate(start_batch), rank, world),
         collate_fn=collate_fn,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         # Its own generator: creating the iterator must not draw from the global RNG, which holds the
         # dropout stream that a resumed run restores from its checkpoint.
         generator=torch.Generator().manual_seed(seed),

@@ -46,22 +46,27 @@ def logit_mse_loss(s: torch.Tensor, t: torch.Tensor, normalizer: float | torch.T
     return ((s.float() - t.float()) ** 2).sum() / _norm(normalizer, s.size(0))
 
 
-def cosine_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor,
+def _real(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return h.reshape(-1, h.size(-1)) if mask is None else h[mask]
+
+
+def cosine_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor | None,
                 normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """sum over non-padding tokens of 1 - cos(h_s, h_t) / normalizer. h: (B, T, C), equal widths;
-    mask: (B, T) bool, True for real tokens."""
+    """sum over non-padding tokens of 1 - cos(h_s, h_t) / normalizer. h: (B, T, C) with mask (B, T) bool,
+    True for real tokens; or token rows (N, C) with mask None. Equal widths."""
     if h_s.size(-1) != h_t.size(-1):
         raise ValueError(f"cosine loss needs equal widths (student {h_s.size(-1)}, teacher {h_t.size(-1)})")
-    cos = F.cosine_similarity(h_s[mask].float(), h_t[mask].float(), dim=-1)  # (N,)
-    return (1 - cos).sum() / _norm(normalizer, int(mask.sum()))
+    a, b = _real(h_s, mask), _real(h_t, mask)
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1)  # (N,)
+    return (1 - cos).sum() / _norm(normalizer, a.size(0))
 
 
-def hidden_mse_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor,
+def hidden_mse_loss(h_s: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor | None,
                     normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """TinyBERT hidden-state MSE: sum over real tokens of mean_c (h_s W - h_t)^2 / normalizer.
-    The caller applies the learned projection W where widths differ."""
-    return F.mse_loss(h_s[mask].float(), h_t[mask].float(), reduction="none").mean(-1).sum() / _norm(
-        normalizer, int(mask.sum()))
+    """TinyBERT hidden-state MSE: sum over real tokens of mean_c (h_s W - h_t)^2 / normalizer (shapes as
+    `cosine_loss`). The caller applies the learned projection W where widths differ."""
+    a, b = _real(h_s, mask), _real(h_t, mask)
+    return F.mse_loss(a.float(), b.float(), reduction="none").mean(-1).sum() / _norm(normalizer, a.size(0))
 
 
 def attention_kl_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor,

@@ -157,7 +157,13 @@ class TrainConfig:
     seed: int = 56
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     num_workers: int = 0
-    compile_loss: bool = False  # torch.compile the soft-target arithmetic (one fused loop; ~+8% step speed here)
+    # torch.compile each transformer block of student and teacher; auto: on for CUDA, off on CPUs (where it
+    # measured no gain and costs a minute of compilation)
+    compile: bool | Literal["auto"] = "auto"
+    # the per-row arithmetic of the vocabulary losses: auto = triton on CUDA, eager on CPUs; "compiled" =
+    # the eager ops fused by torch.compile (see distill.losses.VocabLossWeights)
+    loss_kernel: Literal["auto", "eager", "compiled", "triton"] = "auto"
+    peak_tflops: float | None = None  # per-device peak for MFU; default: distill.flops.PEAKS by device name
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
@@ -172,6 +178,7 @@ class TrainConfig:
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
         require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops", "must be > 0")
         for name in ("log_every", "eval_every", "save_every", "eval_batches"):
             require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
 

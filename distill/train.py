@@ -1,7 +1,7 @@
 """The distillation trainer: set-up, then one loop that reads top to bottom.
 
-    teacher forward (inference mode) -> student forward -> combined loss -> backward
-    -> (after grad_accum micro-batches) clip -> AdamW step -> LR schedule -> log / evaluate / checkpoint
+    distill.step.DistillationStep (teacher forward -> student forward -> losses -> backward, per
+    micro-batch; clip -> AdamW step -> LR schedule) -> log (tokens/s, TFLOP/s, MFU) / evaluate / checkpoint
 
 Accelerate supplies the device, DDP/FSDP/DeepSpeed wrapping, mixed precision and trackers. Every process
 builds the same global batches and takes its slice (distill.data), and each loss is divided by counts
@@ -11,10 +11,8 @@ the same global batch compute the same loss and gradients.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -30,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill import checkpoint, tracking
+from distill.flops import ThroughputMeter, peak_tflops
 from distill.data import (
     GlobalBatchSampler,
     StreamingBatches,
@@ -40,10 +39,10 @@ from distill.data import (
     token_counts,
     train_loader,
 )
-from distill.losses import VocabLossWeights, attention_kl_loss, cosine_loss, fused_vocab_losses, hidden_mse_loss
 from distill.masking import MLMCollator, standard_masking
 from distill.metrics import evaluate_mlm
-from distill.recipes import LossConfig, Recipe, RecipeError
+from distill.recipes import Recipe, RecipeError
+from distill.step import DistillationModel, DistillationStep, NonFiniteLoss, compile_blocks, layer_pairs
 from students.config import config_from_teacher, create_model_config
 from students.init import default_layers, init_from_teacher
 from students.modeling import DistilBERTForMaskedLM
@@ -55,98 +54,31 @@ logger = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption (they do not change the computation).
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.")
-
-
-# ------------------------------------------------------------------------------------------ the model
-def layer_pairs(cfg: LossConfig, n_student: int, n_teacher: int) -> dict[str, list[tuple[int, int]]]:
-    """(student, teacher) hidden-state indices (0 = embeddings) for each intermediate loss."""
-    if cfg.layer_map is not None:
-        pairs = [tuple(p) for p in cfg.layer_map]
-        bad = [p for p in pairs if not (0 <= p[0] <= n_student and 0 <= p[1] <= n_teacher)]
-        if bad:
-            raise RecipeError(f"loss.layer_map pairs {bad} out of range "
-                              f"(student 0..{n_student}, teacher 0..{n_teacher})")
-        return {"cos": pairs, "hidden": pairs, "attn": [p for p in pairs if p[0] > 0 and p[1] > 0]}
-    uniform = [(i, round(i * n_teacher / n_student)) for i in range(n_student + 1)]
-    return {"cos": [(n_student, n_teacher)], "hidden": uniform, "attn": uniform[1:]}
-
-
-class DistillationModel(nn.Module):
-    """What trains: the student, plus projections for hidden-state MSE between different widths.
-
-    `forward` runs the student and returns every loss; it is the module Accelerate wraps, so all the
-    student's parameters are used inside the wrapped forward (as DDP and FSDP require).
-    """
-
-    def __init__(self, student: DistilBERTForMaskedLM, teacher_dim: int, cfg: LossConfig,
-                 pairs: dict[str, list[tuple[int, int]]], compile_loss: bool = False):
-        super().__init__()
-        self.student, self.cfg, self.pairs = student, cfg, pairs
-        dim = student.config.dim
-        self.projections = nn.ModuleList(
-            [nn.Linear(dim, teacher_dim) if dim != teacher_dim else nn.Identity() for _ in pairs["hidden"]]
-        ) if cfg.alpha_hidden_mse else nn.ModuleList()
-        self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature, compile_loss)
-
-    def forward(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, t: dict[str, Any],
-                counts: dict[str, float]) -> dict[str, torch.Tensor]:
-        """batch: input_ids/attention_mask/labels (B, T); rows: (B, T) bool, the positions scored by the
-        vocabulary losses; t: teacher tensors; counts: global normalisers for this optimizer step."""
-        cfg = self.cfg
-        out = self.student.distilbert(batch["input_ids"], batch["attention_mask"], output_hidden_states=True,
-                                      output_attentions=cfg.alpha_attn > 0)
-        real = batch["attention_mask"].bool()
-        h_rows = self.student.transform(out.hidden_states[-1][rows])  # (N, C)
-        proj = self.student.vocab_projector
-        total, ce, mlm, mse = fused_vocab_losses(h_rows, proj.weight, proj.bias, t["rows"], t["W"], t["b"],
-                                                 batch["labels"][rows], self.weights, counts["rows"], counts["mlm"])
-        losses = {"ce": ce, "mlm": mlm, "mse": mse}
-        if cfg.alpha_cos:
-            cos = sum(cosine_loss(out.hidden_states[i], t["hidden"][j], real, counts["tokens"])
-                      for i, j in self.pairs["cos"]) / len(self.pairs["cos"])
-            total = total + cfg.alpha_cos * cos
-            losses["cos"] = cos.detach()
-        if cfg.alpha_hidden_mse:
-            hid = sum(hidden_mse_loss(p(out.hidden_states[i]), t["hidden"][j], real, counts["tokens"])
-                      for p, (i, j) in zip(self.projections, self.pairs["hidden"])) / len(self.pairs["hidden"])
-            total = total + cfg.alpha_hidden_mse * hid
-            losses["hidden_mse"] = hid.detach()
-        if cfg.alpha_attn:
-            att = sum(attention_kl_loss(out.attentions[i - 1], t["attentions"][j - 1], real, counts["tokens"])
-                      for i, j in self.pairs["attn"]) / len(self.pairs["attn"])
-            total = total + cfg.alpha_attn * att
-            losses["attn"] = att.detach()
-        losses["total"] = total
-        return losses
-
-
-def teacher_tensors(teacher: Teacher, batch: dict[str, torch.Tensor], rows: torch.Tensor, cfg: LossConfig,
-                    pairs: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
-    """Teacher hidden states, attentions and transformed rows for one micro-batch (inference mode).
-
-    Only the hidden layers some loss uses are kept, cloned out of inference mode so autograd may save
-    them; the vocabulary projection is left to the fused loss (never B x T x V teacher logits)."""
-    out = teacher(batch["input_ids"], batch["attention_mask"], output_attentions=cfg.alpha_attn > 0)
-    used = {j for key in ("cos", "hidden") for _, j in pairs[key]} if (cfg.alpha_cos or cfg.alpha_hidden_mse) else set()
-    with torch.inference_mode():
-        t_rows = teacher.transform(out.hidden_states[-1][rows])  # (N, Ct)
-    W, b = teacher.projector
-    return {
-        "rows": t_rows.clone(),
-        "W": W,
-        "b": b,
-        "hidden": {j: out.hidden_states[j].clone() for j in used},
-        "attentions": [a.clone() for a in out.attentions] if cfg.alpha_attn else None,
-    }
-
-
-def scored_rows(batch: dict[str, torch.Tensor], restrict_to_mask: bool) -> torch.Tensor:
-    """(B, T) bool: the rows the vocabulary losses score — masked tokens, or every real token."""
-    return batch["labels"] != -100 if restrict_to_mask else batch["attention_mask"].bool()
+                     "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.",
+                     "train.compile", "train.loss_kernel", "train.peak_tflops")
 
 
 # ------------------------------------------------------------------------------------------ set-up
+def loss_kernel(recipe: Recipe, device: torch.device) -> str:
+    """The vocabulary losses' kernel: the recipe's, or for `auto` Triton on CUDA and eager PyTorch elsewhere."""
+    kernel = recipe.train.loss_kernel
+    if kernel == "auto":
+        kernel = "triton" if device.type == "cuda" else "eager"
+    if kernel == "triton":
+        if device.type != "cuda":
+            raise RecipeError("train.loss_kernel=triton needs a CUDA device; use auto or eager")
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise RecipeError("train.loss_kernel=triton needs the triton package (pip install triton), or set "
+                              "train.loss_kernel=eager") from e
+    return kernel
+
+
+def compile_enabled(recipe: Recipe, device: torch.device) -> bool:
+    return device.type == "cuda" if recipe.train.compile == "auto" else bool(recipe.train.compile)
+
+
 def share_cpu_cores(accelerator: Accelerator) -> None:
     """`accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores."""
     if accelerator.device.type == "cpu":
@@ -289,7 +221,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
     teacher = build_teacher(recipe, tokenizer, corpus, accelerator)
     student = build_student(recipe, teacher)
     pairs = layer_pairs(tcfg, student.config.n_layers, teacher.num_layers)
-    model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs, cfg.compile_loss)
+    kernel = loss_kernel(recipe, accelerator.device)
+    model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs, kernel)
+    if compile_enabled(recipe, accelerator.device):
+        compile_blocks([*student.distilbert.transformer.layer, *teacher.blocks])
     counts = (token_counts(corpus.train, len(tokenizer), recipe.data.frequency_count_tokens)
               if recipe.masking.smoothing else None)
     collator = MLMCollator(tokenizer, recipe.masking, counts)
@@ -302,6 +237,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                                                              cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    distill_step = DistillationStep(accelerator, model, teacher, optimizer, scheduler, clip_grad_norm=cfg.clip_grad_norm)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None}
     if last is not None:
@@ -312,6 +248,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     metrics = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
 
     first_batch = start_step * cfg.grad_accum  # global micro-batches already consumed
+    pin = accelerator.device.type == "cuda"
     if recipe.data.streaming:
         batches = streaming_loader(StreamingBatches(corpus.train, cfg.batch_size, cfg.seed, recipe.data.shuffle_buffer),
                                    collator, rank, world, first_batch)
@@ -319,7 +256,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         sampler = GlobalBatchSampler(corpus.train["length"], cfg.batch_size, cfg.seed,
                                      group_by_length=not recipe.data.packing)
         batches = iter(train_loader(corpus.train, sampler, collator, rank, world, first_batch, cfg.num_workers,
-                                    cfg.seed))
+                                    cfg.seed, pin_memory=pin))
 
     raw_student = accelerator.unwrap_model(model).student
     teacher_eval = None
@@ -329,56 +266,55 @@ def train(recipe: Recipe) -> dict[str, Any]:
         logger.info("teacher held-out MLM: %s", teacher_eval)
         metrics.write({"step": start_step, "teacher": teacher_eval, "corpus": corpus.stats})
 
+    peak = peak_tflops(accelerator.device, cfg.mixed_precision, cfg.peak_tflops)
+    meter = ThroughputMeter(peak, world)
+    logger.info("step: vocabulary-loss kernel %s, compiled blocks %s, peak %s TFLOP/s per device", kernel,
+                compile_enabled(recipe, accelerator.device), peak)
+
+    def next_micro() -> list:
+        return [distill_step.prepare(next(batches)) for _ in range(cfg.grad_accum)]
+
     stop = StopRequest()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="distill", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    t_last, tokens_since = time.perf_counter(), 0
     student_eval: dict[str, float] = {}
     step = start_step
+    upcoming: list = []
     try:
         while step < cfg.max_steps:
             model.train()
-            micro = [{k: v.to(accelerator.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
-            rows = [scored_rows(b, tcfg.restrict_ce_to_mask) for b in micro]
-            local = torch.stack([torch.stack([r.sum(), (b["labels"] != -100).sum(), b["attention_mask"].sum()])
-                                 for r, b in zip(rows, micro)]).sum(0).float()
-            n_rows, n_mlm, n_tokens = accelerator.reduce(local, "sum").tolist()
-            norm = {"rows": n_rows, "mlm": n_mlm, "tokens": n_tokens}
-            logged: dict[str, torch.Tensor] = {}
-            for i, (b, r) in enumerate(zip(micro, rows)):
-                sync = i == cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    t = teacher_tensors(teacher, b, r, tcfg, pairs)
-                    losses = model(b, r, t, norm)
-                    # Each process's loss is its share of a global mean; DDP averages gradients over
-                    # processes, so scale by their number to get the gradient of the global mean.
-                    accelerator.backward(losses["total"] * world)
-                for k, v in losses.items():
-                    logged[k] = logged.get(k, 0) + v.detach().float()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            reduced = accelerator.reduce(torch.stack(list(logged.values())), "sum")
-            values = dict(zip(logged, reduced.tolist()))
-            if not math.isfinite(values["total"]):
+            t0 = time.perf_counter()
+            micro = upcoming or next_micro()
+            upcoming = []
+
+            def prefetch() -> None:
+                # the next step's batches are collated and copied while the device runs this one
+                if step + 1 < cfg.max_steps:
+                    upcoming.extend(next_micro())
+
+            try:
+                result = distill_step(micro, before_sync=prefetch)
+            except NonFiniteLoss as e:
                 good = checkpoint.latest(run_dir)
-                raise FloatingPointError(f"non-finite loss at step {step + 1} ({values}); stopped without updating. "
-                                         f"Last good checkpoint: {good or 'none yet'}. Try a lower train.lr or "
-                                         "mixed_precision: no")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite loss at step {step + 1} ({e.values}); stopped without "
+                                         f"updating. Last good checkpoint: {good or 'none yet'}. Try a lower "
+                                         "train.lr or mixed_precision: no") from None
+            values = result.losses
             step += 1
-            state["tokens"] += int(n_tokens)
-            tokens_since += int(n_tokens)
+            state["tokens"] += result.tokens
+            meter.add(result.tokens, result.flops, time.perf_counter() - t0)
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                tps = tokens_since / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
+                speed = meter.read()
                 record = {"step": step, **{f"loss/{k}": v for k, v in values.items()},
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm, **speed,
                           "tokens": state["tokens"]}
-                bar.set_postfix(loss=f"{values['total']:.3f}", tok_s=f"{tps:.0f}")
+                postfix = {"loss": f"{values['total']:.3f}", "tok/s": f"{speed['tokens_per_s']:.0f}",
+                           "TFLOP/s": f"{speed['tflops']:.3g}"}
+                if "mfu" in speed:
+                    postfix["MFU"] = f"{100 * speed['mfu']:.1f}%"
+                bar.set_postfix(postfix)
                 accelerator.log(record, step=step)
                 metrics.write(record)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:

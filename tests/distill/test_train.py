@@ -13,6 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from distill import step as step_mod
 from distill import train as train_mod
 from distill.recipes import resolve
 
@@ -60,7 +61,7 @@ def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, 
 
 def interrupt_at(monkeypatch, call: int) -> None:
     """Send this process SIGTERM during the `call`-th teacher forward (as a scheduler or Ctrl-C would)."""
-    real = train_mod.teacher_tensors
+    real = step_mod.teacher_outputs
     calls = []
 
     def signalling(*a, **k):
@@ -69,7 +70,7 @@ def interrupt_at(monkeypatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "teacher_tensors", signalling)
+    monkeypatch.setattr(step_mod, "teacher_outputs", signalling)
 
 
 def test_resume_is_exact(tiny_teacher_dir, tmp_path, monkeypatch):
@@ -126,7 +127,7 @@ def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, tmp_path, monkeypatch):
-    real = train_mod.fused_vocab_losses
+    real = step_mod.fused_vocab_losses
     calls = []
 
     def poisoned(*a, **k):
@@ -134,7 +135,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_dir, tmp_pat
         total, *rest = real(*a, **k)
         return (total * float("nan") if len(calls) == 5 else total), *rest
 
-    monkeypatch.setattr(train_mod, "fused_vocab_losses", poisoned)
+    monkeypatch.setattr(step_mod, "fused_vocab_losses", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 5.*step-00000003"):
         train_mod.train(recipe(tiny_teacher_dir, tmp_path / "nan", "train.max_steps=6"))
     ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
