@@ -208,7 +208,7 @@ class _FusedVocabLosses(torch.autograd.Function):
             row_sums = []
         else:
             host_scales = scales.tolist()  # on the CPU this is free
-            sums = torch.zeros(3, dtype=torch.float32, device=h.device)  # ce, mlm, mse
+            sums = torch.zeros(3, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)  # ce, mlm, mse
         step = _chunk_rows(W.size(0), h.device)
         for i in range(0, h.size(0), step):
             hc = h[i : i + step].to(dtype)
@@ -223,7 +223,8 @@ class _FusedVocabLosses(torch.autograd.Function):
                                            bool(weights.alpha_mse), need_grad).sum(0))
                 g, scale = s, 1.0  # the kernel wrote the (scaled) logit gradient over s
             else:
-                g, scale = _eager_rows(s.float(), None if t is None else t.float(), lab, weights, host_scales, sums,
+                acc = torch.promote_types(s.dtype, torch.float32)  # fp32 arithmetic (fp64 stays fp64)
+                g, scale = _eager_rows(s.to(acc), None if t is None else t.to(acc), lab, weights, host_scales, sums,
                                        need_grad)
             if need_grad:
                 if g is None:
@@ -235,7 +236,8 @@ class _FusedVocabLosses(torch.autograd.Function):
                     # a half-precision GEMM (fp32 accumulation inside), as autocast's backward; summed in fp32
                     grad_W.add_(gc.t() @ hc, alpha=scale)
                 else:
-                    grad_W.addmm_(gc.t().float(), hc.float(), alpha=scale)
+                    # (addmm with out=, not addmm_: the same kernel, and FLOP counters see it)
+                    torch.addmm(grad_W, gc.t().float(), hc.float(), alpha=scale, out=grad_W)
                 grad_b.add_(g.sum(0, dtype=torch.float32), alpha=scale)
         if triton_kernel:
             sums = torch.stack(row_sums).sum(0) if row_sums else torch.zeros(3, device=h.device)

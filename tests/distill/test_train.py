@@ -44,7 +44,7 @@ def losses(run_dir):
 def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
-           f"output_dir={out}", "train.max_steps=4"]
+           f"output_dir={out}", "train.max_steps=4", "train.peak_tflops=0.5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -55,7 +55,11 @@ def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, 
     fill = transformers.pipeline("fill-mask", model=str(export), tokenizer=str(export), device="cpu")
     assert len(fill("the capital of france is [MASK].")) == 5
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("tokens_per_s" in r for r in records) and any("eval/student_mlm_accuracy" in r for r in records)
+    assert any("eval/student_mlm_accuracy" in r for r in records)
+    # Throughput and MFU: model FLOPs of the step over its time; MFU against the recipe's peak (CPU: no table).
+    speed = [r for r in records if "loss/total" in r]
+    assert speed and all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in speed)
+    assert all(r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in speed)
     assert (out / "recipe.yaml").exists()
 
 
