@@ -48,6 +48,7 @@ class TokenLayout:
     cu_seqlens: torch.Tensor  # (B + 1,) int32 cumulative lengths
     index: torch.Tensor | None = None  # (N,) flat positions of the real tokens in B * T; None: no padding
     key_mask: torch.Tensor | None = None  # (B, 1, 1, T) bool, True at real keys; None: no padding
+    flash: bool = False  # on a device with the variable-length flash kernel (set by `to`)
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> TokenLayout:
@@ -74,8 +75,10 @@ class TokenLayout:
         def move(x):
             return None if x is None else x.to(device, non_blocking=non_blocking)
 
+        device = torch.device(device)
+        flash = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         return replace(self, positions=move(self.positions), cu_seqlens=move(self.cu_seqlens),
-                       index=move(self.index), key_mask=move(self.key_mask))
+                       index=move(self.index), key_mask=move(self.key_mask), flash=flash)
 
     def pin_memory(self) -> TokenLayout:
         def pin(x):
@@ -97,11 +100,11 @@ class TokenLayout:
         return out.view(self.batch, self.seq, *rows.shape[1:])
 
 
-def flash_varlen_supported(q: torch.Tensor) -> bool:
-    """Whether `attend_rows` can use the variable-length flash kernel for these rows (CUDA, fp16/bf16, head
-    size a multiple of 8 up to 256, compute capability 8.0+)."""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0 and q.size(-1) <= 256
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+def flash_varlen_supported(q: torch.Tensor, layout: TokenLayout) -> bool:
+    """Whether `attend_rows` can use the variable-length flash kernel for these rows: a CUDA device of
+    compute capability 8.0+ (decided on the host, `TokenLayout.to`), fp16/bf16, head size a multiple of 8
+    up to 256. Everything here is known when torch.compile traces, so it adds no guard on device state."""
+    return layout.flash and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0 and q.size(-1) <= 256
 
 
 def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
@@ -115,7 +118,7 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Token
     """
     N, nh, hs = q.shape
     B, T = layout.batch, layout.seq
-    if layout.index is not None and flash_varlen_supported(q):
+    if layout.index is not None and flash_varlen_supported(q, layout):
         out = torch.ops.aten._flash_attention_forward(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_len,
                                                       layout.max_len, dropout_p, False, False)
         return out[0]
