@@ -372,9 +372,51 @@ class StreamingBatches:
 
 
 def streaming_loader(batches: StreamingBatches, collate_fn, rank: int, world: int,
-                     start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    for batch in batches.iterate(start_batch):
-        yield collate_fn(rank_slice(batch, rank, world))
+                     start_batch: int = 0, prefetch: int = 0,
+                     pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's collated slices of the streamed global batches. prefetch > 0: produced by a background
+    thread (tokenization, shuffling and collation off the training loop's thread), up to `prefetch` ahead,
+    in the same order."""
+    def produce() -> Iterator[dict[str, torch.Tensor]]:
+        for batch in batches.iterate(start_batch):
+            out = collate_fn(rank_slice(batch, rank, world))
+            yield {k: v.pin_memory() for k, v in out.items()} if pin_memory else out
+
+    return Background(produce(), prefetch) if prefetch > 0 else produce()
+
+
+class Background(Iterator):
+    """Runs an iterator in a daemon thread, up to `depth` items ahead; items keep their order and an
+    exception in the producer is raised in the consumer at the item where it happened. The fast tokenizers
+    release the GIL while they encode, so the stream's tokenization overlaps the training loop."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="data-prefetch")
+        self._thread.start()
+
+    def _run(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                self._queue.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self._queue.put((None, e))
+            return
+        self._queue.put((self._END, None))
+
+    def __next__(self):
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        if item is self._END:
+            self._queue.put((self._END, None))
+            raise StopIteration
+        return item
 
 
 def eval_batches(ds: datasets.Dataset, batch_size: int, n_batches: int, seed: int) -> list[list[dict]]:

@@ -251,7 +251,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     pin = accelerator.device.type == "cuda"
     if recipe.data.streaming:
         batches = streaming_loader(StreamingBatches(corpus.train, cfg.batch_size, cfg.seed, recipe.data.shuffle_buffer),
-                                   collator, rank, world, first_batch)
+                                   collator, rank, world, first_batch, prefetch=2 * cfg.grad_accum, pin_memory=pin)
     else:
         sampler = GlobalBatchSampler(corpus.train["length"], cfg.batch_size, cfg.seed,
                                      group_by_length=not recipe.data.packing)

@@ -2,18 +2,22 @@ import json
 
 import datasets
 import pytest
+import torch
 
 from distill import data as data_mod
 from distill.data import (
+    Background,
     GlobalBatchSampler,
     StreamingBatches,
     build_corpus,
     in_validation,
     load_documents,
     rank_slice,
+    streaming_loader,
     tokenize_and_chunk,
 )
-from distill.recipes import DataConfig
+from distill.masking import MLMCollator
+from distill.recipes import DataConfig, MaskingConfig
 
 
 @pytest.fixture
@@ -106,6 +110,33 @@ def test_streaming_batches_and_resume(jsonl_corpus, tokenizer):
     it2 = stream.iterate(start=3)
     assert [next(it2) for _ in range(2)] == first[3:]
     assert all(len(b) == 4 for b in first)
+
+
+def test_background_stream_is_the_same_stream(jsonl_corpus, tokenizer):
+    path, _ = jsonl_corpus
+    cfg = DataConfig(source="files", files=[str(path)], text_field="body", streaming=True, max_length=64)
+    corpus = build_corpus(cfg, tokenizer)
+    collator = MLMCollator(tokenizer, MaskingConfig())
+    stream = StreamingBatches(corpus.train, batch_size=4, seed=0, buffer_size=50)
+    fg = streaming_loader(stream, collator, 1, 2, start_batch=2)
+    bg = streaming_loader(stream, collator, 1, 2, start_batch=2, prefetch=3)
+    assert isinstance(bg, Background)
+    for _ in range(6):  # more than one epoch of this small corpus
+        a, b = next(fg), next(bg)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_background_raises_the_producers_error_in_order():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("bad document 3")
+
+    it = Background(items(), depth=5)
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(ValueError, match="bad document 3"):
+        next(it)
+    assert list(Background(iter([7, 8]), depth=1)) == [7, 8]
 
 
 @pytest.mark.parametrize("fmt", ["txt", "parquet"])
