@@ -27,7 +27,6 @@ Weights are random: the time of a step does not depend on their values.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -305,7 +304,8 @@ def main() -> None:
     p.add_argument("--layouts", default="packed,padded", help="cuda: packed and/or padded")
     p.add_argument("--mode", choices=["all", "masked"], action="append")
     p.add_argument("--impls", default="ours,reference")
-    p.add_argument("--kernel", default=None, help="ours: vocabulary-loss kernel (default: triton on cuda, eager on cpu)")
+    p.add_argument("--kernel", default=None,
+                   help="ours: vocabulary-loss kernel (default: triton on cuda, eager on cpu)")
     p.add_argument("--no-compile", action="store_true", help="ours on cuda: eager blocks")
     p.add_argument("--batch", type=int, default=8, help="cpu: Wikipedia summaries per batch")
     p.add_argument("--steps", type=int, default=20)
@@ -334,7 +334,8 @@ def main() -> None:
                 continue
             o = ours[(r["batch"], r["layout"], r["mode"])]
             if "error" in o or "error" in r:
-                print(f"{r['batch']:>8} {r['layout']:6} {r['mode']:6}  ours {o.get('error', '')} ref {r.get('error', '')}")
+                print(f"{r['batch']:>8} {r['layout']:6} {r['mode']:6}  ours {o.get('error', '')} "
+                      f"ref {r.get('error', '')}")
                 continue
             print(f"{r['batch']:>8} {r['layout']:6} {r['mode']:6}  ours {o['tokens_per_s']:>10,.0f} "
                   f"({o['peak_mem_gib']:5.1f})  MFU {100 * o.get('mfu', 0):5.1f}%   ref {r['tokens_per_s']:>10,.0f} "

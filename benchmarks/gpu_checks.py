@@ -14,6 +14,7 @@ Prints one line per check with the measured differences and PASS/FAIL; exits 1 i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def check_flash_varlen() -> None:
     for flash in (True, False):
         for x in qkv:
             x.grad = None
-        y = attend_rows(*qkv, layout.__class__(**{**layout.__dict__, "flash": flash}))
+        y = attend_rows(*qkv, dataclasses.replace(layout, flash=flash))
         y.backward(grad)
         outs[flash] = (y.detach(), [x.grad.clone() for x in qkv])
     fwd = rel(outs[True][0], outs[False][0])
@@ -80,8 +81,8 @@ def check_triton_kernel() -> None:
             x.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             vals = fused_vocab_losses(h, W, b, h_t.bfloat16(), W_t.bfloat16(), b_t.bfloat16(), labels,
-                                      VocabLossWeights(5.0, 2.0, 0.0, 2.0, kernel), torch.tensor(float(n), device="cuda"),
-                                      (labels != -100).sum().float())
+                                      VocabLossWeights(5.0, 2.0, 0.0, 2.0, kernel),
+                                      torch.tensor(float(n), device="cuda"), (labels != -100).sum().float())
         vals[0].backward()
         out[kernel] = ([v.detach() for v in vals], [x.grad.clone() for x in (h, W, b)])
     loss = max(rel(a, b) for a, b in zip(out["triton"][0][:3], out["eager"][0][:3]))

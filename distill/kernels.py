@@ -26,12 +26,11 @@ import triton.language as tl
 
 @triton.jit
 def _vocab_rows_kernel(S, T_, LABELS, STATS, SCALES, V, stride_s, stride_t, temperature,
-                       HAS_CE: tl.constexpr, HAS_MLM: tl.constexpr, HAS_MSE: tl.constexpr,
+                       HAS_CE: tl.constexpr, HAS_MLM: tl.constexpr, HAS_MSE: tl.constexpr, NEED_T: tl.constexpr,
                        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = S + row * stride_s
     t_row = T_ + row * stride_t
-    NEED_T: tl.constexpr = HAS_CE or HAS_MSE
     cols = tl.arange(0, BLOCK)
 
     m_s = float("-inf")
@@ -120,6 +119,7 @@ def vocab_rows(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, sc
     block = min(4096, triton.next_power_of_2(V))
     t_arg = s if t is None else t
     _vocab_rows_kernel[(n,)](s, t_arg, labels, stats, scales, V, s.stride(0), t_arg.stride(0), float(temperature),
-                             HAS_CE=has_ce, HAS_MLM=has_mlm, HAS_MSE=has_mse, WRITE_GRAD=write_grad, BLOCK=block,
+                             HAS_CE=has_ce, HAS_MLM=has_mlm, HAS_MSE=has_mse, NEED_T=has_ce or has_mse,
+                             WRITE_GRAD=write_grad, BLOCK=block,
                              num_warps=8 if block >= 2048 else 4)
     return stats

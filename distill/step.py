@@ -217,7 +217,9 @@ class DistillationStep:
         flops = step_flops(n_tokens=layout.n_tokens, sum_sq_len=float((lengths**2).sum()), n_rows=len(labels),
                            **self._flops)["total"]
         counts = torch.tensor([len(labels), float(labelled.sum()), layout.n_tokens, flops], dtype=torch.float32)
-        tensors = [batch["input_ids"], batch["attention_mask"], labels, counts] + ([scored] if scored is not None else [])
+        tensors = [batch["input_ids"], batch["attention_mask"], labels, counts]
+        if scored is not None:
+            tensors.append(scored)
         if self.pin:
             tensors = [x.pin_memory() for x in tensors]
             layout = layout.pin_memory()
@@ -269,11 +271,13 @@ class DistillationStep:
 
 
 def compile_blocks(modules: list[nn.Module]) -> None:
-    """torch.compile each transformer block in place (parameter names unchanged), as torchtitan does:
-    one graph per block type and dtype, shared by all layers; shapes become dynamic after the first change."""
+    """torch.compile each transformer block in place (parameter names unchanged), as torchtitan does: one
+    graph per kind of call (student with grad / teacher without, packed / padded rows), shared by all
+    layers. Shapes are symbolic from the start (dynamic=True): every batch of padded documents has another
+    number of real tokens, and recompiling per size would cost more than it gains."""
     import torch._dynamo
 
-    # student blocks (fp32 weights), teacher blocks (its dtype), train / eval, grad / no-grad: a few entries each
+    # student (fp32 weights) and teacher (its dtype) blocks, train / eval, grad / no-grad, packed / padded
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for m in modules:
-        m.compile()
+        m.compile(dynamic=True)

@@ -11,6 +11,7 @@ the same global batch compute the same loss and gradients.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,7 +29,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill import checkpoint, tracking
-from distill.flops import ThroughputMeter, peak_tflops
 from distill.data import (
     GlobalBatchSampler,
     StreamingBatches,
@@ -39,6 +39,7 @@ from distill.data import (
     token_counts,
     train_loader,
 )
+from distill.flops import ThroughputMeter, peak_tflops
 from distill.masking import MLMCollator, standard_masking
 from distill.metrics import evaluate_mlm
 from distill.recipes import Recipe, RecipeError
@@ -237,7 +238,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
                                                              cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    distill_step = DistillationStep(accelerator, model, teacher, optimizer, scheduler, clip_grad_norm=cfg.clip_grad_norm)
+    distill_step = DistillationStep(accelerator, model, teacher, optimizer, scheduler,
+                                    clip_grad_norm=cfg.clip_grad_norm)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None}
     if last is not None:
@@ -274,26 +276,26 @@ def train(recipe: Recipe) -> dict[str, Any]:
     def next_micro() -> list:
         return [distill_step.prepare(next(batches)) for _ in range(cfg.grad_accum)]
 
+    upcoming: list = []
+
+    def prefetch(current: int) -> None:
+        """The next step's batches are collated and copied while the device runs step `current`."""
+        if current + 1 < cfg.max_steps:
+            upcoming.extend(next_micro())
+
     stop = StopRequest()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="distill", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     student_eval: dict[str, float] = {}
     step = start_step
-    upcoming: list = []
     try:
         while step < cfg.max_steps:
             model.train()
             t0 = time.perf_counter()
-            micro = upcoming or next_micro()
-            upcoming = []
-
-            def prefetch() -> None:
-                # the next step's batches are collated and copied while the device runs this one
-                if step + 1 < cfg.max_steps:
-                    upcoming.extend(next_micro())
-
+            micro = upcoming[:] or next_micro()
+            upcoming.clear()
             try:
-                result = distill_step(micro, before_sync=prefetch)
+                result = distill_step(micro, before_sync=functools.partial(prefetch, step))
             except NonFiniteLoss as e:
                 good = checkpoint.latest(run_dir)
                 raise FloatingPointError(f"non-finite loss at step {step + 1} ({e.values}); stopped without "

@@ -116,8 +116,6 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Token
     runs on padding. Otherwise (CPU, fp32): the rows are scattered into (B, T) for one masked SDPA call and
     gathered back. Every path supports dropout.
     """
-    N, nh, hs = q.shape
-    B, T = layout.batch, layout.seq
     if layout.index is not None and flash_varlen_supported(q, layout):
         out = torch.ops.aten._flash_attention_forward(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_len,
                                                       layout.max_len, dropout_p, False, False)

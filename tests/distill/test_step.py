@@ -13,9 +13,9 @@ from distill.flops import step_flops
 from distill.losses import attention_kl_loss, cosine_loss, hidden_mse_loss, logit_mse_loss, mlm_loss, soft_target_loss
 from distill.recipes import LossConfig
 from distill.step import DistillationModel, DistillationStep, encoder_shape, layer_pairs
+from students.config import create_model_config
 from students.init import init_from_teacher
 from students.modeling import DistilBERTForMaskedLM, DistilBERTModel, TokenLayout
-from students.config import create_model_config
 from teachers.teacher import Teacher
 
 V = 30522
@@ -118,7 +118,7 @@ def test_shared_step_equals_the_reference_losses_and_gradients(case):
         # (the reference's loss functions run their softmax arithmetic in fp32, as ours: 1e-6 of the gradients'
         # scale; a key bias's gradient is zero but for rounding)
         torch.testing.assert_close(before[n] - after[n].detach(), g, rtol=1e-6, atol=1e-6 * scale,
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")
     real = sum(int(m["attention_mask"].sum()) for m in micro)
     assert result.tokens == real and result.mlm_tokens == sum(int((m["labels"] != -100).sum()) for m in micro)
 
@@ -193,3 +193,29 @@ def test_flop_count_matches_flop_counter_mode(mode):
                       n_rows=sum(lengths) if mode == "all" else sum(labelled), **shapes)["total"]
     assert ours == pytest.approx(per_sequence, rel=0.05)
     assert step.prepare(padded).counts[3].item() == pytest.approx(ours, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_step():
+    """train.compile: the same losses and updates with each block torch.compiled (fp32 on the CPU, both
+    layouts, several sizes so the symbolic-shape graphs are exercised)."""
+    from distill.step import compile_blocks
+
+    results = {}
+    for compiled in (False, True):
+        bert, student = models(dtype=torch.float32)
+        cfg = LossConfig()
+        pairs = layer_pairs(cfg, 2, 4)
+        model = DistillationModel(student, 32, cfg, pairs, "eager").train()
+        teacher = Teacher(bert)
+        if compiled:
+            compile_blocks([*student.distilbert.transformer.layer, *teacher.blocks])
+        step = DistillationStep(Accelerator(cpu=True), model, teacher, torch.optim.SGD(model.parameters(), lr=0.1))
+        batches = [make_batch(B, 16, padded, seed) for seed, (B, padded) in
+                   enumerate([(2, False), (3, False), (2, True), (4, True), (3, True)])]
+        results[compiled] = ([step([step.prepare(b)]).losses["total"] for b in batches],
+                             {n: p.detach().clone() for n, p in model.named_parameters()})
+    (eager, w_eager), (comp, w_comp) = results[False], results[True]
+    assert comp == pytest.approx(eager, rel=1e-5)
+    for n, w in w_eager.items():
+        torch.testing.assert_close(w_comp[n], w, rtol=1e-5, atol=1e-6, msg=n)
