@@ -102,10 +102,33 @@ def make_models(shape: str, device: torch.device, teacher_dtype: torch.dtype):
     return bert.to(teacher_dtype).eval().requires_grad_(False), student, s
 
 
+def profile(one, data: list, path: str) -> None:
+    """torch.profiler over two more steps: the top kernels by device time and ops by host time, appended to
+    `path`, with the device-busy share of the wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sync(torch.device("cuda"))
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(2):
+            one(i)
+        sync(torch.device("cuda"))
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    with open(path, "a") as f:
+        f.write(f"\n### {data[0]['input_ids'].shape}: wall {1e3 * wall:.1f} ms for 2 steps, device busy "
+                f"{device_us / 1e3:.1f} ms ({100 * device_us / 1e6 / wall:.0f} %)\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+
+
 class Ours:
     """The product's step for one shape; `run(mode, data)` times it for a soft-target mode."""
 
-    def __init__(self, shape: str, device: torch.device, mixed_precision: str, compile: bool, kernel: str):
+    def __init__(self, shape: str, device: torch.device, mixed_precision: str, compile: bool, kernel: str,
+                 dynamic: bool | None = True, teacher_autocast: bool = True):
         from accelerate import Accelerator
 
         from teachers.teacher import Teacher
@@ -115,9 +138,11 @@ class Ours:
         bert, self.student, self.s = make_models(shape, device, torch.bfloat16 if half else torch.float32)
         self.teacher = Teacher(bert).to(device)
         if compile:
-            compile_blocks([*self.student.distilbert.transformer.layer, *self.teacher.blocks])
+            compile_blocks([*self.student.distilbert.transformer.layer, *self.teacher.blocks], dynamic)
+        self.teacher_autocast = teacher_autocast
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
         self.peak = peak_tflops(device, mixed_precision)
+        self.profile: str | None = None
 
     def step_for(self, mode: str) -> DistillationStep:
         cfg = LossConfig(restrict_ce_to_mask=mode == "masked")
@@ -126,7 +151,8 @@ class Ours:
         # lr 0: the update still runs in full; the weights stay where they are across settings
         opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=0.0, betas=(0.9, 0.98), eps=1e-6, fused=True)
         model, opt = self.accelerator.prepare(model, opt)
-        return DistillationStep(self.accelerator, model, self.teacher, opt, clip_grad_norm=5.0)
+        return DistillationStep(self.accelerator, model, self.teacher, opt, clip_grad_norm=5.0,
+                                teacher_autocast=self.teacher_autocast)
 
     def run(self, mode: str, data: list, warmup: int) -> dict:
         step = self.step_for(mode)
@@ -145,6 +171,8 @@ class Ours:
 
         result = timed(one, data, warmup, self.device)
         result.update(model_flops(flops[warmup:], result, self.peak))
+        if self.profile:
+            profile(one, data, self.profile)
         self.accelerator.free_memory()
         return result
 
@@ -264,7 +292,12 @@ def run_cuda(args) -> list[dict]:
             for i, (b, layout) in enumerate(settings)}
     rows = []
     for impl in args.impls.split(","):
-        runner = (Ours if impl == "ours" else Reference)(args.shape, device, "bf16", not args.no_compile, args.kernel)
+        if impl == "ours":
+            runner = Ours(args.shape, device, "bf16", not args.no_compile, args.kernel,
+                          {"true": True, "false": False, "auto": None}[args.dynamic], args.teacher_autocast == "on")
+            runner.profile = args.profile
+        else:
+            runner = Reference(args.shape, device, "bf16")
         for (b, layout) in settings:
             for mode in args.mode or ["all", "masked"]:
                 try:
@@ -307,6 +340,11 @@ def main() -> None:
     p.add_argument("--kernel", default=None,
                    help="ours: vocabulary-loss kernel (default: triton on cuda, eager on cpu)")
     p.add_argument("--no-compile", action="store_true", help="ours on cuda: eager blocks")
+    p.add_argument("--dynamic", choices=["true", "false", "auto"], default="true",
+                   help="ours on cuda: compiled blocks with symbolic shapes (true), one graph per shape (false)")
+    p.add_argument("--teacher-autocast", choices=["on", "off"], default="on",
+                   help="ours: the bf16 teacher under autocast (on) or in bf16 end to end (off)")
+    p.add_argument("--profile", help="cuda, ours: append torch.profiler tables of two steps per setting here")
     p.add_argument("--batch", type=int, default=8, help="cpu: Wikipedia summaries per batch")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -322,7 +360,8 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     header = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
-              "kernel": args.kernel, "compile": args.device == "cuda" and not args.no_compile}
+              "kernel": args.kernel, "compile": args.device == "cuda" and not args.no_compile,
+              "dynamic": args.dynamic, "teacher_autocast": args.teacher_autocast}
     print(json.dumps(header), flush=True)
     if args.device == "cuda":
         args.shape = args.shape or "bert-base"

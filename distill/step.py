@@ -190,8 +190,10 @@ class DistillationStep:
     same device; `optimizer`/`scheduler` as prepared by Accelerate."""
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, teacher: Teacher, optimizer, scheduler=None,
-                 *, clip_grad_norm: float = 5.0):
+                 *, clip_grad_norm: float = 5.0, teacher_autocast: bool = True):
         self.accelerator, self.model, self.teacher = accelerator, model, teacher
+        # False: a half-precision teacher runs in its own dtype end to end (no fp32 LayerNorm outputs)
+        self.teacher_autocast = teacher_autocast
         self.optimizer, self.scheduler, self.clip = optimizer, scheduler, clip_grad_norm
         inner: DistillationModel = accelerator.unwrap_model(model)
         self.cfg, self.pairs, self.weights = inner.cfg, inner.pairs, inner.weights
@@ -242,7 +244,9 @@ class DistillationStep:
         for i, b in enumerate(micro):
             sync = i == len(micro) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
-                t = teacher_outputs(self.teacher, b, self.cfg, self.pairs, self.weights)
+                with torch.autocast(self.device.type, enabled=False) if not self.teacher_autocast else \
+                        contextlib.nullcontext():
+                    t = teacher_outputs(self.teacher, b, self.cfg, self.pairs, self.weights)
                 losses = model(b, t, counts)
                 # Each process's loss is its share of a global mean; DDP averages gradients over
                 # processes, so scale by their number to get the gradient of the global mean.
@@ -270,14 +274,15 @@ class DistillationStep:
                           flops=flops)
 
 
-def compile_blocks(modules: list[nn.Module]) -> None:
+def compile_blocks(modules: list[nn.Module], dynamic: bool | None = True) -> None:
     """torch.compile each transformer block in place (parameter names unchanged), as torchtitan does: one
     graph per kind of call (student with grad / teacher without, packed / padded rows), shared by all
-    layers. Shapes are symbolic from the start (dynamic=True): every batch of padded documents has another
-    number of real tokens, and recompiling per size would cost more than it gains."""
+    layers. dynamic=True (for padded documents): shapes are symbolic from the start, since every batch has
+    another number of real tokens and recompiling per size would cost more than it gains; False (packed
+    blocks, one shape): graphs specialised to that shape."""
     import torch._dynamo
 
     # student (fp32 weights) and teacher (its dtype) blocks, train / eval, grad / no-grad, packed / padded
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for m in modules:
-        m.compile(dynamic=True)
+        m.compile(dynamic=dynamic)
