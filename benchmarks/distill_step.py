@@ -128,7 +128,7 @@ class Ours:
     """The product's step for one shape; `run(mode, data)` times it for a soft-target mode."""
 
     def __init__(self, shape: str, device: torch.device, mixed_precision: str, compile: bool, kernel: str,
-                 dynamic: bool | None = True, teacher_autocast: bool = True):
+                 dynamic: bool | None = True, teacher_autocast: bool | None = None):
         from accelerate import Accelerator
 
         from teachers.teacher import Teacher
@@ -294,7 +294,8 @@ def run_cuda(args) -> list[dict]:
     for impl in args.impls.split(","):
         if impl == "ours":
             runner = Ours(args.shape, device, "bf16", not args.no_compile, args.kernel,
-                          {"true": True, "false": False, "auto": None}[args.dynamic], args.teacher_autocast == "on")
+                          {"true": True, "false": False, "auto": None}[args.dynamic],
+                          {"auto": None, "on": True, "off": False}[args.teacher_autocast])
             runner.profile = args.profile
         else:
             runner = Reference(args.shape, device, "bf16")
@@ -342,8 +343,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="ours on cuda: eager blocks")
     p.add_argument("--dynamic", choices=["true", "false", "auto"], default="true",
                    help="ours on cuda: compiled blocks with symbolic shapes (true), one graph per shape (false)")
-    p.add_argument("--teacher-autocast", choices=["on", "off"], default="on",
-                   help="ours: the bf16 teacher under autocast (on) or in bf16 end to end (off)")
+    p.add_argument("--teacher-autocast", choices=["auto", "on", "off"], default="auto",
+                   help="ours: the bf16 teacher under autocast (on) or in bf16 end to end (off; auto's choice)")
     p.add_argument("--profile", help="cuda, ours: append torch.profiler tables of two steps per setting here")
     p.add_argument("--batch", type=int, default=8, help="cpu: Wikipedia summaries per batch")
     p.add_argument("--steps", type=int, default=20)

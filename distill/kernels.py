@@ -106,11 +106,12 @@ def _vocab_rows_kernel(S, T_, LABELS, STATS, SCALES, V, stride_s, stride_t, temp
 
 def vocab_rows(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, scales: torch.Tensor,
                temperature: float, has_ce: bool, has_mlm: bool, has_mse: bool,
-               write_grad: bool) -> torch.Tensor:
+               write_grad: bool, vocab_size: int | None = None) -> torch.Tensor:
     """Per-row (KL·T², MLM NLL, squared logit difference) (n, 3) fp32 for tempered logits s, t (n, V);
     with `write_grad`, s is overwritten by the logit gradient g (module docstring). labels (n,) int64,
-    -100 for rows without an MLM target; scales (3,) fp32 = (c_ce, c_mlm, c_mse) on s's device."""
-    n, V = s.shape
+    -100 for rows without an MLM target; scales (3,) fp32 = (c_ce, c_mlm, c_mse) on s's device.
+    vocab_size: the real vocabulary when s and t carry padding columns after it (left untouched)."""
+    n, V = s.shape[0], vocab_size or s.shape[1]
     if s.stride(1) != 1 or (t is not None and t.stride(1) != 1):
         raise ValueError("vocab_rows needs row-contiguous logits")
     stats = torch.empty(n, 3, dtype=torch.float32, device=s.device)

@@ -138,8 +138,16 @@ def _chunk_rows(vocab_size: int, device: torch.device) -> int:
         # reuses heap memory instead of mapping and unmapping vocabulary-sized buffers every step.
         return max(1, ((1 << 23) - (1 << 16)) // vocab_size)
     # GPUs: the caching allocator reuses blocks, and small chunks would leave the GEMMs and kernel launches
-    # underused; 128M elements per temporary (~4,400 rows for BERT's vocabulary) keeps memory bounded.
-    return max(1, (1 << 27) // vocab_size)
+    # underused; 128M elements per temporary (4,352 rows for BERT's vocabulary, a multiple of the GEMM
+    # tiles) keeps memory bounded.
+    return max(64, (1 << 27) // vocab_size // 64 * 64)
+
+
+# The Triton path runs its vocabulary GEMMs on the vocabulary padded with zero rows to a multiple of this:
+# 30,522 logits per row are not a 16-byte multiple, which keeps cuBLAS off Hopper's TMA GEMM kernels (an
+# H100 profile of the step showed these GEMMs in sm80 kernels, ~1/3 of the step). Padded logits are 0
+# (zero weights and bias); the kernel reads only the first V columns and the gradients are cut back to V.
+VOCAB_ALIGN = 64
 
 
 def _eager_rows(s: torch.Tensor, t: torch.Tensor | None, lab: torch.Tensor, weights: VocabLossWeights,
@@ -202,6 +210,12 @@ class _FusedVocabLosses(torch.autograd.Function):
         # d(loss)/d(raw logit) coefficients: c_ce (q - p), c_mlm (softmax - onehot), c_mse (s - t) T.
         scales = torch.stack([T * weights.alpha_ce / n_ce, weights.alpha_mlm / n_mlm, 2 * weights.alpha_mse / n_ce])
         triton_kernel = weights.kernel == "triton"
+        V = W.size(0)
+        pad = (-V) % VOCAB_ALIGN if triton_kernel else 0
+        if pad:
+            Wc, bc = F.pad(Wc, (0, 0, 0, pad)), F.pad(bc, (0, pad))
+            if need_t:
+                W_tc, b_tc = F.pad(W_tc, (0, 0, 0, pad)), F.pad(b_tc, (0, pad))
         if triton_kernel:
             from distill.kernels import vocab_rows
 
@@ -209,7 +223,7 @@ class _FusedVocabLosses(torch.autograd.Function):
         else:
             host_scales = scales.tolist()  # on the CPU this is free
             sums = torch.zeros(3, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)  # ce, mlm, mse
-        step = _chunk_rows(W.size(0), h.device)
+        step = _chunk_rows(V, h.device)
         for i in range(0, h.size(0), step):
             hc = h[i : i + step].to(dtype)
             s = torch.addmm(bc, hc, Wc.t(), beta=1 / T, alpha=1 / T)  # (n, V) = s / T, in the GEMM's dtype
@@ -220,7 +234,7 @@ class _FusedVocabLosses(torch.autograd.Function):
             lab = labels[i : i + step]
             if triton_kernel:
                 row_sums.append(vocab_rows(s, t, lab, scales, T, bool(weights.alpha_ce), bool(weights.alpha_mlm),
-                                           bool(weights.alpha_mse), need_grad).sum(0))
+                                           bool(weights.alpha_mse), need_grad, vocab_size=V).sum(0))
                 g, scale = s, 1.0  # the kernel wrote the (scaled) logit gradient over s
             else:
                 acc = torch.promote_types(s.dtype, torch.float32)  # fp32 arithmetic (fp64 stays fp64)
@@ -232,6 +246,10 @@ class _FusedVocabLosses(torch.autograd.Function):
                     continue
                 gc = g.to(dtype)
                 grad_h[i : i + step] = (gc @ Wc).float().mul_(scale) if scale != 1.0 else gc @ Wc
+                if pad:  # padded columns of g are 0; their rows of grad_W and grad_b are dropped
+                    grad_W.add_((gc.t() @ hc)[:V])
+                    grad_b.add_(g.sum(0, dtype=torch.float32)[:V])
+                    continue
                 if half:
                     # a half-precision GEMM (fp32 accumulation inside), as autocast's backward; summed in fp32
                     grad_W.add_(gc.t() @ hc, alpha=scale)

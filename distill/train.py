@@ -225,7 +225,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
     kernel = loss_kernel(recipe, accelerator.device)
     model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs, kernel)
     if compile_enabled(recipe, accelerator.device):
-        compile_blocks([*student.distilbert.transformer.layer, *teacher.blocks])
+        # packed blocks: one shape, graphs specialised to it (automatic dynamic if another appears); documents:
+        # symbolic shapes from the start (every batch has another number of real tokens)
+        compile_blocks([*student.distilbert.transformer.layer, *teacher.blocks],
+                       dynamic=None if recipe.data.packing else True)
     counts = (token_counts(corpus.train, len(tokenizer), recipe.data.frequency_count_tokens)
               if recipe.masking.smoothing else None)
     collator = MLMCollator(tokenizer, recipe.masking, counts)
@@ -252,6 +255,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     first_batch = start_step * cfg.grad_accum  # global micro-batches already consumed
     pin = accelerator.device.type == "cuda"
     if recipe.data.streaming:
+        # The stream is tokenized on the fly, in a background thread (no forks follow): let the fast
+        # tokenizer use every core, or tokenizing becomes the step's bottleneck on GPUs.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
         batches = streaming_loader(StreamingBatches(corpus.train, cfg.batch_size, cfg.seed, recipe.data.shuffle_buffer),
                                    collator, rank, world, first_batch, prefetch=2 * cfg.grad_accum, pin_memory=pin)
     else:

@@ -219,3 +219,25 @@ def test_compiled_blocks_give_the_eager_step():
     assert comp == pytest.approx(eager, rel=1e-5)
     for n, w in w_eager.items():
         torch.testing.assert_close(w_comp[n], w, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_half_precision_teacher_runs_outside_autocast_by_default():
+    """A bf16 teacher runs in bf16 end to end (its outputs stay bf16); an fp32 one runs under the step's
+    autocast. Either way the bf16 step's losses agree with the autocast-everywhere step within bf16 rounding."""
+    bert, student = models(dtype=torch.float32)
+    cfg = LossConfig()
+    pairs = layer_pairs(cfg, 2, 4)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    batch = make_batch(3, 12, True, seed=4)
+    fp32_step = DistillationStep(accelerator, DistillationModel(student, 32, cfg, pairs), Teacher(bert),
+                                 torch.optim.SGD(student.parameters(), lr=0.0))
+    assert fp32_step.teacher_autocast
+    losses = {}
+    for autocast in (None, True):
+        model = DistillationModel(student, 32, cfg, pairs).eval()
+        step = DistillationStep(accelerator, model, Teacher(bert.to(torch.bfloat16)),
+                                torch.optim.SGD(model.parameters(), lr=0.0), teacher_autocast=autocast)
+        assert step.teacher_autocast is (autocast is True)
+        losses[autocast] = step([step.prepare(batch)]).losses
+    for k, v in losses[True].items():
+        assert losses[None][k] == pytest.approx(v, rel=2e-2, abs=1e-3), k
