@@ -397,17 +397,43 @@ class Background(Iterator):
         import threading
 
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="data-prefetch")
         self._thread.start()
+
+    def _put(self, entry) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _run(self, source: Iterator) -> None:
         try:
             for item in source:
-                self._queue.put((item, None))
+                if not self._put((item, None)):
+                    return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._queue.put((None, e))
+            self._put((None, e))
             return
-        self._queue.put((self._END, None))
+        self._put((self._END, None))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the producer after its current item and wait for it (a run that ends or is interrupted
+        leaves no thread working inside the tokenizer or the allocator while the interpreter exits)."""
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout)
 
     def __next__(self):
         item, error = self._queue.get()

@@ -354,6 +354,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     finally:
         bar.close()
         stop.restore()
+        if hasattr(batches, "close"):
+            batches.close()
         accelerator.end_training()  # also tears down the process group
     return {"step": step, "student": student_eval, "teacher": teacher_eval, "export": str(export),
             "corpus": corpus.stats}

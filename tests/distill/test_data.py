@@ -137,6 +137,11 @@ def test_background_raises_the_producers_error_in_order():
     with pytest.raises(ValueError, match="bad document 3"):
         next(it)
     assert list(Background(iter([7, 8]), depth=1)) == [7, 8]
+    # close() stops a producer that is blocked on a full queue, and returns once it has ended
+    endless = Background(iter(range(10**9)), depth=2)
+    assert next(endless) == 0
+    endless.close(timeout=5)
+    assert not endless._thread.is_alive()
 
 
 @pytest.mark.parametrize("fmt", ["txt", "parquet"])

@@ -221,7 +221,18 @@ def test_compiled_blocks_give_the_eager_step():
         torch.testing.assert_close(w_comp[n], w, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_half_precision_teacher_runs_outside_autocast_by_default():
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate fixes mixed precision once per process; these tests need their own (accelerate's own
+    tests reset it the same way)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_half_precision_teacher_runs_outside_autocast_by_default(fresh_accelerate_state):
     """A bf16 teacher runs in bf16 end to end (its outputs stay bf16); an fp32 one runs under the step's
     autocast. Either way the bf16 step's losses agree with the autocast-everywhere step within bf16 rounding."""
     bert, student = models(dtype=torch.float32)
