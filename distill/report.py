@@ -51,11 +51,19 @@ def encoder(directory: Path):
     return (lambda i, a: t(i, a).last_hidden_state), t.predict_tokens, t.model
 
 
-def latency(models: dict[str, Any], batches: list[int], repeats: int) -> dict[str, dict[int, float]]:
-    """Median ms per forward (encoder + classifier or MLM encoder), interleaved across models."""
+def latency(models: dict[str, Any], batches: list[int], repeats: int,
+            device: torch.device | str = "cpu") -> dict[str, dict[int, float]]:
+    """Median ms per forward (encoder + classifier or MLM encoder), interleaved across models. On a GPU each
+    forward is timed up to the end of its kernels."""
+    device = torch.device(device)
     out: dict[str, dict[int, float]] = {name: {} for name in models}
+    if device.type == "cuda":
+        def synced(fn):
+            return lambda i, a: (fn(i, a), torch.cuda.synchronize())
+
+        models = {name: synced(fn) for name, fn in models.items()}
     for B in batches:
-        ids = torch.randint(1000, 30000, (B, 128))
+        ids = torch.randint(1000, 30000, (B, 128), device=device)
         mask = torch.ones_like(ids)
         reps = repeats if B == 1 else max(3, repeats // 4)
         rounds: dict[str, list[float]] = {name: [] for name in models}
