@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption (they do not change the computation).
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.",
-                     "train.compile", "train.loss_kernel", "train.peak_tflops")
+                     "train.compile", "train.loss_kernel", "train.peak_tflops",
+                     "train.compile_loss")  # (the latter: recorded by runs of earlier versions)
 
 
 # ------------------------------------------------------------------------------------------ set-up

@@ -76,3 +76,17 @@ def test_ablation_recipes_change_one_thing_each():
                 for k, v in vars(getattr(r, s)).items() if v != getattr(getattr(base, s), k)]
         assert diff == [(section, key)], (name, diff)
         assert r.output_dir == f"runs/ablation/{name}"
+
+
+def test_speed_settings_and_earlier_versions_keys_do_not_block_resuming():
+    from distill.recipes import Recipe
+    from distill.train import check_resumable
+
+    saved = Recipe().to_dict()
+    del saved["train"]["loss_kernel"]
+    saved["train"]["compile_loss"] = False  # written by runs of earlier versions
+    saved["train"]["compile"] = False
+    check_resumable(saved, Recipe())
+    saved["train"]["lr"] = 1.0
+    with pytest.raises(ValueError, match="train.lr"):
+        check_resumable(saved, Recipe())
