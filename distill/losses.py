@@ -246,17 +246,16 @@ class _FusedVocabLosses(torch.autograd.Function):
                     continue
                 gc = g.to(dtype)
                 grad_h[i : i + step] = (gc @ Wc).float().mul_(scale) if scale != 1.0 else gc @ Wc
-                if pad:  # padded columns of g are 0; their rows of grad_W and grad_b are dropped
-                    grad_W.add_((gc.t() @ hc)[:V])
-                    grad_b.add_(g.sum(0, dtype=torch.float32)[:V])
-                    continue
+                # g's padding columns (if any) are 0 and dropped: the first V rows of g^T keep its aligned
+                # leading dimension
+                gct = gc.t()[:V]
                 if half:
                     # a half-precision GEMM (fp32 accumulation inside), as autocast's backward; summed in fp32
-                    grad_W.add_(gc.t() @ hc, alpha=scale)
+                    grad_W.add_(gct @ hc, alpha=scale)
                 else:
                     # (addmm with out=, not addmm_: the same kernel, and FLOP counters see it)
-                    torch.addmm(grad_W, gc.t().float(), hc.float(), alpha=scale, out=grad_W)
-                grad_b.add_(g.sum(0, dtype=torch.float32), alpha=scale)
+                    torch.addmm(grad_W, gct.float(), hc.float(), alpha=scale, out=grad_W)
+                grad_b.add_(g[:, :V].sum(0, dtype=torch.float32), alpha=scale)
         if triton_kernel:
             sums = torch.stack(row_sums).sum(0) if row_sums else torch.zeros(3, device=h.device)
         ce, mlm, mse = sums[0] / n_ce, sums[1] / n_mlm, sums[2] / n_ce

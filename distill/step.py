@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,7 @@ class DistillationStep:
         self.cfg, self.pairs, self.weights = inner.cfg, inner.pairs, inner.weights
         self.device = accelerator.device
         self.pin = self.device.type == "cuda"
+        self._upcoming: list[StepBatch] = []  # the next step's micro-batches, prepared during this one
         self._flops = dict(teacher=encoder_shape(teacher.config), student=encoder_shape(inner.student.config),
                            vocab=inner.student.config.vocab_size, cfg=self.cfg, pairs=self.pairs,
                            projected=[not isinstance(p, nn.Identity) for p in inner.projections])
@@ -232,6 +233,20 @@ class DistillationStep:
         return StepBatch(input_ids=moved[0], attention_mask=moved[1], labels=moved[2], counts=moved[3],
                          scored=moved[4] if scored is not None else None,
                          layout=layout.to(self.device, non_blocking=True))
+
+    def next_step(self, source: Iterator[dict[str, torch.Tensor]], grad_accum: int = 1,
+                  last: bool = False) -> StepResult:
+        """One optimizer step on the next `grad_accum` CPU batches of `source`, as the trainer runs it: unless
+        this is the `last` step, the following step's batches are collated and copied while the device works
+        on this one (before the step's one read)."""
+        micro = self._upcoming or [self.prepare(next(source)) for _ in range(grad_accum)]
+        self._upcoming = []
+
+        def prefetch() -> None:
+            if not last:
+                self._upcoming = [self.prepare(next(source)) for _ in range(grad_accum)]
+
+        return self(micro, before_sync=prefetch)
 
     # -------------------------------------------------------------------- device side
     def __call__(self, micro: list[StepBatch], before_sync: Callable[[], Any] | None = None) -> StepResult:

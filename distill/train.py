@@ -11,7 +11,6 @@ the same global batch compute the same loss and gradients.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -225,7 +224,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     pairs = layer_pairs(tcfg, student.config.n_layers, teacher.num_layers)
     kernel = loss_kernel(recipe, accelerator.device)
     model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs, kernel)
-    if compile_enabled(recipe, accelerator.device):
+    compiled = compile_enabled(recipe, accelerator.device)
+    if compiled:
         # packed blocks: one shape, graphs specialised to it (automatic dynamic if another appears); documents:
         # symbolic shapes from the start (every batch has another number of real tokens)
         compile_blocks([*student.distilbert.transformer.layer, *teacher.blocks],
@@ -278,17 +278,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     peak = peak_tflops(accelerator.device, cfg.mixed_precision, cfg.peak_tflops)
     meter = ThroughputMeter(peak, world)
     logger.info("step: vocabulary-loss kernel %s, compiled blocks %s, peak %s TFLOP/s per device", kernel,
-                compile_enabled(recipe, accelerator.device), peak)
-
-    def next_micro() -> list:
-        return [distill_step.prepare(next(batches)) for _ in range(cfg.grad_accum)]
-
-    upcoming: list = []
-
-    def prefetch(current: int) -> None:
-        """The next step's batches are collated and copied while the device runs step `current`."""
-        if current + 1 < cfg.max_steps:
-            upcoming.extend(next_micro())
+                compiled, peak)
 
     stop = StopRequest()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="distill", disable=not accelerator.is_main_process,
@@ -299,10 +289,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         while step < cfg.max_steps:
             model.train()
             t0 = time.perf_counter()
-            micro = upcoming[:] or next_micro()
-            upcoming.clear()
             try:
-                result = distill_step(micro, before_sync=functools.partial(prefetch, step))
+                result = distill_step.next_step(batches, cfg.grad_accum, last=step + 1 == cfg.max_steps)
             except NonFiniteLoss as e:
                 good = checkpoint.latest(run_dir)
                 raise FloatingPointError(f"non-finite loss at step {step + 1} ({e.values}); stopped without "
