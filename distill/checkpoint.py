@@ -1,32 +1,85 @@
-"""Checkpoints: one self-describing directory per save, written atomically, the last N kept.
+"""Checkpoints: one self-describing directory per save, no pickle, verified before use, written atomically.
 
-`accelerator.save_state` writes the model, optimizer, grad scaler, registered objects (the LR scheduler)
-and every process's RNG states; `trainer_state.json` adds the step, the data position and the resolved
-recipe. Everything is written into `step-N.tmp` and renamed to `step-N` only when complete, so a run
-killed mid-save never leaves a checkpoint that looks valid but is not.
+A checkpoint `checkpoints/step-N/` holds only safetensors and JSON, so loading one can never run code:
+
+    model.safetensors         the trained module's tensors (tied tensors stored once)
+    optimizer.safetensors     optimizer state tensors, keyed `state.<param index>.<name>`
+    optimizer.json            param groups and non-tensor state
+    scheduler.json            the LR scheduler's state_dict
+    scaler.json               the fp16 grad scaler's state (fp16 runs only)
+    rng-<rank>.safetensors    torch CPU/CUDA generator states of each process
+    rng-<rank>.json           Python's and NumPy's generator states of each process
+    trainer_state.json        step, data position, tracker id, ...
+    manifest.json             size and sha256 of every file above, written last
+
+Everything is written into `step-N.tmp` and renamed to `step-N` after the manifest, so a run killed
+mid-save never leaves a checkpoint that looks complete. `restore()` verifies the manifest and parses every
+file before touching the model; a damaged newest checkpoint is set aside (`step-N.damaged`) with one
+warning line naming the file, and the previous complete one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import random
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+FORMAT = "distilbert-kit-checkpoint/2"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """No usable checkpoint where one is needed (reported as one line)."""
+
+
+class Damaged(Exception):
+    """One checkpoint cannot be used; the message names the file and what is wrong with it."""
+
+
+@dataclass
+class Parts:
+    """What a checkpoint saves and restores. `rank`/`world`/`barrier` describe the processes (one process:
+    the defaults); each process saves and restores its own generator states."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any = None
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ------------------------------------------------------------------------------------------ listing
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = run_dir / "checkpoints"
+    """Complete checkpoints of a run (those with a manifest), oldest first."""
+    root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
+             if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).exists()]
     return [p for _, p in sorted(found)]
 
 
@@ -35,28 +88,259 @@ def latest(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save(accelerator: Accelerator, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save a checkpoint for `step` on all processes; returns its directory."""
-    final = run_dir / "checkpoints" / f"step-{step:08d}"
+def legacy_dirs(run_dir: Path) -> list[Path]:
+    """Checkpoints of earlier versions (Accelerate's pickle files, no manifest): never loaded."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and not (p / MANIFEST).exists()
+                  and (p / STATE_FILE).exists())
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, allow_nan=True))
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    """Plain JSON values (tuples become lists); anything else is a programming error, not a pickle."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, what) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, what) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{what}: {type(value).__name__} is not storable as JSON")
+
+
+def optimizer_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as (tensors, JSON): tensors keyed `state.<index>.<name>`."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = _jsonable(value, f"optimizer state {name}")
+    return tensors, {"param_groups": _jsonable(state["param_groups"], "optimizer param_groups"), "scalars": scalars}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_files() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def set_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: int,
+         model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save a checkpoint for `step` (call on every process); returns its directory. `model_state`: a
+    full state dict gathered by the caller (FSDP); default: the model's own tensors."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
+    if parts.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+    parts.barrier()
+    tensors, meta = rng_files()
+    save_file(tensors, str(tmp / f"rng-{parts.rank}.safetensors"))
+    _write_json(tmp / f"rng-{parts.rank}.json", meta)
+    opt_tensors, opt_meta = optimizer_files(parts.optimizer.state_dict())
+    if parts.is_main:
+        if model_state is None:
+            save_model(parts.model, str(tmp / "model.safetensors"))
+        else:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", opt_meta)
+        _write_json(tmp / "scheduler.json", _jsonable(parts.scheduler.state_dict(), "scheduler state"))
+        if parts.scaler is not None:
+            _write_json(tmp / "scaler.json", _jsonable(parts.scaler.state_dict(), "grad scaler state"))
+        _write_json(tmp / STATE_FILE, {**state, "step": step})
+    parts.barrier()
+    if parts.is_main:
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {"format": FORMAT, "step": step, "world": parts.world,
+                    "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync_dir(final.parent)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    parts.barrier()
     return final
 
 
-def load(accelerator: Accelerator, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, scaler and RNG states; return the trainer state."""
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+def _fsync_dir(path: Path) -> None:
+    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
+        if p.is_file() or p == path:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def verify(path: Path, world: int) -> dict:
+    """Check a checkpoint against its manifest; returns the manifest or raises Damaged naming the file."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        assert manifest.get("format") == FORMAT and isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise Damaged(f"{MANIFEST} is unreadable") from None
+    if manifest.get("world") != world:
+        raise Damaged(f"it was saved by {manifest.get('world')} processes, this run has {world}")
+    needed = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", STATE_FILE,
+              *(f"rng-{r}.{ext}" for r in range(world) for ext in ("safetensors", "json"))}
+    missing = sorted(needed - set(files))
+    if missing:
+        raise Damaged(f"{missing[0]} is not in its manifest")
+    for name, want in files.items():
+        if "/" in name or name.startswith("."):
+            raise Damaged(f"manifest names {name!r}, which is not a file of the checkpoint")
+        p = path / name
+        if not p.is_file():
+            raise Damaged(f"{name} is missing")
+        if p.stat().st_size != want.get("size"):
+            raise Damaged(f"{name} has {p.stat().st_size} bytes, the manifest says {want.get('size')}")
+        if _sha256(p) != want.get("sha256"):
+            raise Damaged(f"{name} does not match its sha256 in the manifest")
+    return manifest
+
+
+@dataclass
+class Loaded:
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    rng: tuple[dict[str, torch.Tensor], dict]
+    state: dict[str, Any]
+
+
+def read(path: Path, rank: int, world: int) -> Loaded:
+    """Verify and parse one checkpoint into memory (nothing applied yet); raises Damaged."""
+    verify(path, world)
+    name = ""
+    try:
+        name = "model.safetensors"
+        model = load_file(str(path / name))
+        name = "optimizer.safetensors"
+        opt_tensors = load_file(str(path / name))
+        name = "optimizer.json"
+        opt = optimizer_state(opt_tensors, json.loads((path / name).read_text()))
+        name = "scheduler.json"
+        scheduler = json.loads((path / name).read_text())
+        name = "scaler.json"
+        scaler = json.loads((path / name).read_text()) if (path / name).exists() else None
+        rng = None
+        for r in range(world):  # every process parses every file, so all reach the same verdict
+            name = f"rng-{r}.safetensors"
+            pair = (load_file(str(path / name)), json.loads((path / f"rng-{r}.json").read_text()))
+            rng = pair if r == rank else rng
+        name = STATE_FILE
+        state = json.loads((path / name).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise Damaged(f"{name} cannot be read ({type(e).__name__})") from None
+    return Loaded(path, model, opt, scheduler, scaler, rng, state)
+
+
+def apply(loaded: Loaded, parts: Parts, model_loader: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Put a parsed checkpoint into the model, optimizer, scheduler, scaler and generators."""
+    try:
+        if model_loader is not None:
+            model_loader(loaded.model)
+        else:
+            _load_model_state(parts.model, loaded.model)
+        parts.optimizer.load_state_dict(loaded.optimizer)
+        parts.scheduler.load_state_dict(loaded.scheduler)
+        if parts.scaler is not None and loaded.scaler is not None:
+            parts.scaler.load_state_dict(loaded.scaler)
+        set_rng(*loaded.rng)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise Damaged(f"its tensors do not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return loaded.state
+
+
+def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Strict load that accepts tied tensors stored once (safetensors' save_model)."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    own = model.state_dict()
+    tied = {k for k in missing if any(own[k].data_ptr() == own[j].data_ptr() for j in tensors if j in own)}
+    if unexpected or set(missing) - tied:
+        raise KeyError(f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
+def restore(run_dir: Path, parts: Parts, warn: Callable[[str], None] = logger.warning,
+            model_loader: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
+    """Resume from the newest usable checkpoint: verified, parsed, then applied. A damaged one is renamed
+    `step-N.damaged` (kept for inspection) with one warning naming the file; the next older one is tried.
+    Returns its trainer state, or None when the run has no checkpoint at all; raises CheckpointError when
+    checkpoints exist and none is usable."""
+    dirs = checkpoint_dirs(run_dir)
+    legacy = legacy_dirs(run_dir)
+    if not dirs and legacy:
+        raise CheckpointError(f"{legacy[-1]} is an earlier version's checkpoint (pickle files, which could run "
+                              "code when loaded); it is not loaded. Start the run in a new output_dir")
+    tried = []
+    for path in reversed(dirs):
+        try:
+            return apply(read(path, parts.rank, parts.world), parts, model_loader)
+        except Damaged as e:
+            tried.append(path.name)
+            warn(f"checkpoint {path} is damaged: {e}; " + (
+                "trying the previous one" if path != dirs[0] else "no older checkpoint is left"))
+            parts.barrier()
+            if parts.is_main:
+                aside = path.with_name(path.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                path.rename(aside)
+            parts.barrier()
+    if tried:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'} (damaged: "
+                              f"{', '.join(tried)}; kept as *.damaged); start over in a new output_dir")
+    return None

@@ -63,6 +63,44 @@ def file_format(files: list[str]) -> str:
     return kinds.pop()
 
 
+class DataError(ValueError):
+    """A corpus that cannot be used as given (reported as one line)."""
+
+
+TEXT_CHECK_BYTES = 64 << 20  # files up to this size are checked whole before any work; larger: their start
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Before any slow work: every data file exists, has a supported format, is not empty, and (text
+    formats) is UTF-8 with some non-blank text."""
+    if cfg.source != "files":
+        return
+    for f in cfg.files:
+        path = Path(f)
+        if not path.exists():
+            raise FileNotFoundError(f"data file {f} not found (data.files)")
+        if not path.is_file():
+            raise DataError(f"data file {f} is not a file (data.files)")
+    fmt = file_format(cfg.files)
+    for f in cfg.files:
+        path = Path(f)
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {f} is empty (data.files)")
+        if fmt == "parquet":
+            continue
+        with path.open("rb") as fh:
+            head = fh.read(TEXT_CHECK_BYTES)
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if not (e.reason == "unexpected end of data" and len(head) == TEXT_CHECK_BYTES):
+                raise DataError(f"data file {f} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -t "
+                                "utf-8") from None
+            text = head[:e.start].decode("utf-8")
+        if not text.strip():
+            raise DataError(f"data file {f} has no text (only blank lines)")
+
+
 def load_documents(cfg: DataConfig, streaming: bool | None = None) -> datasets.Dataset | datasets.IterableDataset:
     """The raw documents of a corpus, with at least a `text` column."""
     streaming = cfg.streaming if streaming is None else streaming
@@ -200,6 +238,12 @@ def build_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Corpus:
         parts[name] = (part, n_docs)
     train, n_train_docs = parts["train"]
     validation, n_val_docs = parts["validation"]
+    if len(train) == 0:
+        raise DataError(f"the corpus has no training text ({len(docs)} documents, {n_train_docs} outside the "
+                        "validation split, all empty); give it non-empty documents")
+    if len(validation) == 0:
+        raise DataError(f"the corpus has no validation text ({n_val_docs} of {len(docs)} documents held out); "
+                        "raise data.validation_fraction or add documents")
     lengths = np.asarray(train["length"])
     stats = {
         "documents": len(docs),

@@ -91,6 +91,11 @@ class DataConfig:
         require(8 <= self.max_length <= 8192, "data.max_length", "must be in [8, 8192]")
         require(0 < self.validation_fraction < 0.5, "data.validation_fraction", "must be in (0, 0.5)")
         require(self.num_proc >= 1, "data.num_proc", "must be >= 1")
+        require(self.max_documents is None or self.max_documents >= 1, "data.max_documents",
+                "must be >= 1 (or null for all)")
+        require(self.max_validation_documents >= 1, "data.max_validation_documents", "must be >= 1")
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        require(self.frequency_count_tokens >= 1, "data.frequency_count_tokens", "must be >= 1")
         if self.source == "hub":
             require(bool(self.name), "data.name", "is required when data.source is 'hub'")
         if self.source == "files":

@@ -2,6 +2,7 @@
 
     --print       print the resolved recipe (extends + overrides applied) and exit
     --adapt-only  adapt (or reuse the cached adaptation of) the recipe's teacher, print its report, exit
+    --overwrite   start over in an output_dir that holds another (e.g. finished) run, removing its files
 Recipes of kind `distill` run the distiller (distill.train.train); kind `finetune` fine-tunes and
 evaluates a classifier (distill.finetune.finetune). Bad input ends with one line on stderr and exit 2.
 """
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", dest="print_recipe", help="print the resolved recipe and exit")
     parser.add_argument("--adapt-only", action="store_true",
                         help="adapt the recipe's teacher (teacher.adapt), print the report and exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in output_dir (default: resume it, or refuse)")
     args = parser.parse_intermixed_args(argv)  # flags may sit between the recipe and its overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -33,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = resolve(args.recipe, args.overrides)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
@@ -43,18 +45,35 @@ def main(argv: list[str] | None = None) -> int:
             if recipe.kind != "distill":
                 raise ValueError(f"--adapt-only needs a distill recipe; {args.recipe} is kind {recipe.kind!r}")
             from distill.train import adapt_only as job
+            summary = job(recipe)
         elif recipe.kind == "finetune":
             from distill.finetune import finetune as job
+            summary = job(recipe)
         else:
             from distill.train import train as job
-        summary = job(recipe)
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+            summary = job(recipe, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, UnicodeDecodeError) as e:
         # User-facing problems (bad recipe values, missing files, unreachable teachers, divergence):
         # one line, no traceback. Anything else is a bug and keeps its traceback.
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
-        return 2
+        return fail(e)
+    except KeyboardInterrupt:
+        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     print(json.dumps(summary, default=str))
     return 0
+
+
+def fail(e: BaseException) -> int:
+    """One line on stderr: what is wrong (the exception's first line, unquoted) and exit status 2."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    kind = "" if type(e).__name__ in QUIET_TYPES else f"{type(e).__name__}: "
+    print(f"error: {kind}{first}", file=sys.stderr)
+    return 2
+
+
+# Our own error types: their messages are complete sentences, the class name adds nothing.
+QUIET_TYPES = ("RecipeError", "TeacherError", "RunDirError", "CheckpointError", "DataError")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,16 @@ import torch
 import transformers
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill import checkpoint, tracking
+from distill import checkpoint, rundir, tracking
 from distill.data import (
     GlobalBatchSampler,
     StreamingBatches,
     build_corpus,
+    check_files,
     corpus_identity,
     eval_batches,
     streaming_loader,
@@ -48,7 +50,7 @@ from students.init import default_layers, init_from_teacher
 from students.modeling import DistilBERTForMaskedLM
 from students.tokenizer import get_tokenizer
 from teachers.adapt import adapt_teacher
-from teachers.teacher import Teacher
+from teachers.teacher import Teacher, TeacherError, has_mlm_head, resolve_teacher_path, teacher_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ logger = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.",
                      "train.compile", "train.loss_kernel", "train.peak_tflops",
-                     "train.compile_loss")  # (the latter: recorded by runs of earlier versions)
+                     "train.compile_loss",  # (recorded by runs of earlier versions)
+                     "output_dir")  # a moved or copied run directory resumes
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -100,10 +103,9 @@ def build_teacher(recipe: Recipe, tokenizer, corpus, accelerator: Accelerator) -
     source = str(adapted_teacher(recipe, tokenizer, corpus, accelerator)) if tcfg.adapt.steps > 0 else tcfg.name_or_path
     teacher = Teacher.load(source, dtype=tcfg.dtype, attn_implementation=attn)
     teacher.check_tokenizer(tokenizer)
-    link = Path(recipe.output_dir) / "teacher"
-    if accelerator.is_main_process and Path(source).is_dir() and not link.exists():
+    if accelerator.is_main_process:
         # runs/<run>/teacher: the exact teacher used (e.g. the cached adaptation), for fine-tuning and reports.
-        link.symlink_to(Path(source).resolve(), target_is_directory=True)
+        rundir.link_teacher(Path(recipe.output_dir), resolve_teacher_path(source))
     return teacher.to(accelerator.device)
 
 
@@ -147,6 +149,73 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_precision(mixed_precision: str, device: torch.device) -> None:
+    """Refuse a precision the device would silently not use (Accelerate runs fp16-on-CPU as fp32)."""
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise RecipeError("train.mixed_precision=fp16 is not supported on CPUs (it would silently run in fp32); "
+                          "use bf16 or no")
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RecipeError(f"train.mixed_precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                          "use fp16 or no")
+
+
+def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> None:
+    """Every check that needs no corpus and no weights, before any slow work (tokenizing, adapting,
+    loading): precision, the teacher's config and files, vocabulary, positions, student shape."""
+    cfg, scfg = recipe.train, recipe.student
+    check_precision(cfg.mixed_precision, device)
+    check_files(recipe.data)
+    if cfg.batch_size % world:
+        raise RecipeError(f"train.batch_size={cfg.batch_size} must be a multiple of the {world} processes")
+    tconf = teacher_config(recipe.teacher.name_or_path)
+    if len(tokenizer) != tconf.vocab_size:
+        raise TeacherError(f"vocabulary mismatch: teacher {recipe.teacher.name_or_path} has {tconf.vocab_size} "
+                           f"tokens, tokenizer {recipe.tokenizer} {len(tokenizer)}; use the teacher's tokenizer")
+    positions = tconf.max_position_embeddings
+    if recipe.data.max_length > positions:
+        raise RecipeError(f"data.max_length={recipe.data.max_length} exceeds the teacher's {positions} position "
+                          f"embeddings; set data.max_length<={positions}")
+    if recipe.teacher.adapt.steps == 0 and has_mlm_head(recipe.teacher.name_or_path) is False:
+        raise TeacherError(f"teacher {recipe.teacher.name_or_path} has no trained MLM head; adapt it first "
+                           "(recipe: teacher.adapt.steps > 0)")
+    depth = tconf.num_hidden_layers
+    if scfg.preset:
+        try:
+            pconf = create_model_config(scfg.preset)
+        except ValueError as e:
+            raise RecipeError(f"student.preset: {e}") from None
+        if pconf.vocab_size != tconf.vocab_size:
+            raise RecipeError(f"student.preset {scfg.preset!r} has {pconf.vocab_size} tokens, the teacher "
+                              f"{tconf.vocab_size}")
+        if scfg.init == "teacher" and (pconf.dim, pconf.n_heads, pconf.hidden_dim) != (
+                tconf.hidden_size, tconf.num_attention_heads, tconf.intermediate_size):
+            raise RecipeError(f"student.preset {scfg.preset!r} ({pconf.dim} wide, {pconf.n_heads} heads) cannot be "
+                              f"initialised from the teacher ({tconf.hidden_size} wide, {tconf.num_attention_heads} "
+                              "heads); use student.init=random or no preset")
+        if pconf.max_position_embeddings < recipe.data.max_length:
+            raise RecipeError(f"data.max_length={recipe.data.max_length} exceeds student.preset's "
+                              f"{pconf.max_position_embeddings} positions")
+    if scfg.init == "teacher":
+        n = scfg.n_layers or (create_model_config(scfg.preset).n_layers if scfg.preset else max(1, depth // 2))
+        if n > depth:
+            raise RecipeError(f"student.n_layers={n} is deeper than the teacher ({depth} layers); student.init="
+                              f"teacher copies teacher layers: use student.n_layers<={depth}")
+        bad = [i for i in scfg.layers or [] if not 0 <= i < depth]
+        if bad:
+            raise RecipeError(f"student.layers {bad} are not teacher layers (0..{depth - 1})")
+        if scfg.layers is not None and len(scfg.layers) != n:
+            raise RecipeError(f"student.layers lists {len(scfg.layers)} layers for a {n}-layer student")
+    if scfg.init not in ("teacher", "random"):
+        path = Path(scfg.init)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"student.init {scfg.init!r}: use 'teacher', 'random' or a checkpoint directory "
+                                    "with a config.json")
+    if recipe.loss.layer_map is not None and scfg.init in ("teacher", "random"):
+        n_student = scfg.n_layers or (create_model_config(scfg.preset).n_layers if scfg.preset
+                                      else max(1, depth // 2))
+        layer_pairs(recipe.loss, n_student, depth)  # raises on pairs out of range
+
+
 def check_resumable(saved: dict, recipe: Recipe) -> None:
     """A run directory is resumed only by the same recipe (up to keys that do not change the math)."""
     def flat(d, prefix=""):
@@ -160,7 +229,27 @@ def check_resumable(saved: dict, recipe: Recipe) -> None:
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise RecipeError(f"{recipe.output_dir} holds a run with a different recipe ({', '.join(changed[:3])} "
-                          "differ); use another output_dir, or delete the old run to start over")
+                          "differ); use another output_dir, or pass --overwrite to replace that run")
+    old = a.get("train.max_steps")
+    if old is not None and old != recipe.train.max_steps:
+        cfg = recipe.train
+        logger.warning("train.max_steps changed from %s to %s on resume: the learning-rate schedule changes from "
+                       "here on (warmup %d steps, linear decay to 0 at step %d)", old, cfg.max_steps,
+                       int(cfg.warmup_fraction * cfg.max_steps), cfg.max_steps)
+
+
+def read_saved_recipe(run_dir: Path) -> dict | None:
+    path = run_dir / "recipe.yaml"
+    if not path.exists():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path} is not a readable recipe ({type(e).__name__}); use another output_dir, or "
+                          "pass --overwrite to replace that run") from None
+    if not isinstance(saved, dict):
+        raise RecipeError(f"{path} is not a recipe mapping; use another output_dir, or pass --overwrite")
+    return saved
 
 
 class StopRequest:
@@ -178,6 +267,18 @@ class StopRequest:
             signal.signal(s, h)
 
 
+def _warn_line(message: str) -> None:
+    """One warning line that the progress bar does not overwrite."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def check_corpus(corpus, recipe: Recipe) -> None:
+    """An empty validation split (possible for a stream) is an input error, not a run with eval loss 0."""
+    if len(corpus.validation) == 0:
+        raise RecipeError(f"the corpus ({recipe.data.source}) has no validation text (validation_fraction="
+                          f"{recipe.data.validation_fraction}); raise data.validation_fraction or add documents")
+
+
 def adapt_only(recipe: Recipe) -> dict[str, Any]:
     """Adapt (or reuse the cached adaptation of) the recipe's teacher without distilling; returns its
     adapt_report.json plus the adapted teacher's directory. `distill/run.py RECIPE --adapt-only`."""
@@ -193,46 +294,69 @@ def adapt_only(recipe: Recipe) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def train(recipe: Recipe) -> dict[str, Any]:
+def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) a distillation; returns a summary. Writes under recipe.output_dir: recipe.yaml,
-    metrics.jsonl, checkpoints/step-N/, student/ (Hugging Face format, with its tokenizer)."""
-    cfg, tcfg = recipe.train, recipe.loss
+    metrics.jsonl, checkpoints/step-N/, student/ (Hugging Face format, with its tokenizer). A directory
+    holding another run is refused unless `overwrite` (the CLI's --overwrite)."""
     run_dir = Path(recipe.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracking.log_with(recipe.tracking),
-                              project_dir=str(run_dir))
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
+                              log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
+    rundir.stop_with_launcher()
     share_cpu_cores(accelerator)
+    tokenizer = get_tokenizer(recipe.tokenizer)
+    preflight(recipe, tokenizer, accelerator.device, accelerator.num_processes)
+    lock = rundir.RunLock(run_dir)
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except rundir.RunDirError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0] if accelerator.num_processes > 1 else error
+    if error:
+        raise rundir.RunDirError(error)
+    try:
+        return _train(recipe, accelerator, tokenizer, overwrite)
+    finally:
+        lock.release()
+
+
+def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool) -> dict[str, Any]:
+    cfg, loss_cfg = recipe.train, recipe.loss
+    run_dir = Path(recipe.output_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise RecipeError(f"train.batch_size={cfg.batch_size} must be a multiple of the {world} processes")
     set_seed(cfg.seed)
 
-    # --- resume or start
-    last = checkpoint.latest(run_dir)
-    saved_recipe = run_dir / "recipe.yaml"
-    if last is not None and saved_recipe.exists():
-        check_resumable(yaml.safe_load(saved_recipe.read_text()), recipe)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_recipe.write_text(recipe.to_yaml())
+    # --- resume, or start a new run (never silently over a finished one)
+    resuming = bool(checkpoint.checkpoint_dirs(run_dir) or checkpoint.legacy_dirs(run_dir))
+    saved = read_saved_recipe(run_dir)
+    if saved is not None and not overwrite:
+        check_resumable(saved, recipe)
+    if not resuming and accelerator.is_main_process:
+        rundir.check_new_run(run_dir, overwrite)
+    accelerator.wait_for_everyone()
 
     # --- data, teacher, student
-    tokenizer = get_tokenizer(recipe.tokenizer)
     with accelerator.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer)
+    check_corpus(corpus, recipe)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     teacher = build_teacher(recipe, tokenizer, corpus, accelerator)
     student = build_student(recipe, teacher)
-    pairs = layer_pairs(tcfg, student.config.n_layers, teacher.num_layers)
+    pairs = layer_pairs(loss_cfg, student.config.n_layers, teacher.num_layers)
     kernel = loss_kernel(recipe, accelerator.device)
-    model = DistillationModel(student, teacher.config.hidden_size, tcfg, pairs, kernel)
+    model = DistillationModel(student, teacher.config.hidden_size, loss_cfg, pairs, kernel)
     compiled = compile_enabled(recipe, accelerator.device)
     if compiled:
         # packed blocks: one shape, graphs specialised to it (automatic dynamic if another appears); documents:
         # symbolic shapes from the start (every batch has another number of real tokens)
         compile_blocks([*student.distilbert.transformer.layer, *teacher.blocks],
                        dynamic=None if recipe.data.packing else True)
-    counts = (token_counts(corpus.train, len(tokenizer), recipe.data.frequency_count_tokens)
-              if recipe.masking.smoothing else None)
-    collator = MLMCollator(tokenizer, recipe.masking, counts)
+    frequencies = (token_counts(corpus.train, len(tokenizer), recipe.data.frequency_count_tokens)
+                   if recipe.masking.smoothing else None)
+    collator = MLMCollator(tokenizer, recipe.masking, frequencies)
     eval_collator = MLMCollator(tokenizer, standard_masking(recipe.masking))  # comparable held-out accuracy
     val = eval_batches(corpus.validation, max(1, cfg.batch_size // world), cfg.eval_batches, cfg.seed)
 
@@ -241,17 +365,23 @@ def train(recipe: Recipe) -> dict[str, Any]:
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * cfg.max_steps),
                                                              cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     distill_step = DistillationStep(accelerator, model, teacher, optimizer, scheduler,
                                     clip_grad_norm=cfg.clip_grad_norm)
+    parts = checkpoint.Parts(accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler, rank, world,
+                             accelerator.wait_for_everyone)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None}
-    if last is not None:
-        state = checkpoint.load(accelerator, last)
-        logger.info("resuming from %s (step %d)", last, state["step"])
+    restored = checkpoint.restore(run_dir, parts, warn=_warn_line) if resuming else None
+    if restored is not None:
+        state = restored
+        logger.info("resuming from step %d", state["step"])
     start_step = state["step"]
-    state["wandb_id"] = tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), state.get("wandb_id"))
     metrics = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
+    if accelerator.is_main_process:
+        dropped = rundir.truncate_metrics(metrics.path, start_step if restored is not None else -1)
+        if dropped:
+            logger.info("metrics.jsonl: dropped %d records past step %d (they are recomputed)", dropped, start_step)
+    state["wandb_id"] = tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), state.get("wandb_id"))
 
     first_batch = start_step * cfg.grad_accum  # global micro-batches already consumed
     pin = accelerator.device.type == "cuda"
@@ -273,7 +403,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         teacher_eval = evaluate_mlm(teacher.predict_tokens, lambda i, m: teacher(i, m).last_hidden_state, val,
                                     eval_collator, accelerator.device)
         logger.info("teacher held-out MLM: %s", teacher_eval)
-        metrics.write({"step": start_step, "teacher": teacher_eval, "corpus": corpus.stats})
+        if start_step == 0:
+            metrics.write({"step": start_step, "teacher": teacher_eval, "corpus": corpus.stats})
 
     peak = peak_tflops(accelerator.device, cfg.mixed_precision, cfg.peak_tflops)
     meter = ThroughputMeter(peak, world)
@@ -329,7 +460,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             stop_now = accelerator.reduce(torch.tensor(float(stop.signum > 0), device=accelerator.device), "sum") > 0
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
                 state["step"] = step
-                checkpoint.save(accelerator, run_dir, step, state, cfg.keep_checkpoints)
+                checkpoint.save(parts, run_dir, step, state, cfg.keep_checkpoints)
             if stop_now:
                 signum = stop.signum or signal.SIGTERM
                 logger.warning("signal %d: checkpoint saved at step %d; exiting", signum, step)

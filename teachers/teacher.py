@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 OFFLINE_TEACHERS = {"minilm": minilm_dir}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_PREFIX = "cls.predictions."
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class TeacherError(ValueError):
@@ -51,7 +53,7 @@ def load_bert_mlm(name_or_path: str, dtype: str = "float32",
         model, info = BertForMaskedLM.from_pretrained(
             source, output_loading_info=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation
         )
-    except OSError as e:
+    except (OSError, ValueError, RuntimeError) as e:  # missing, unreachable, or damaged weight files
         raise TeacherError(f"teacher {name_or_path!r} could not be loaded (not a local directory, and the hub "
                            f"is unreachable or has no such model): {str(e).splitlines()[0]}") from e
     if model.config.model_type != "bert":
@@ -61,6 +63,49 @@ def load_bert_mlm(name_or_path: str, dtype: str = "float32",
     if body_missing:
         raise TeacherError(f"teacher {name_or_path}: checkpoint lacks encoder tensors {body_missing[:4]}")
     return model, missing
+
+
+def teacher_config(name_or_path: str):
+    """The teacher's config, read without its weights (for checks before any slow work): a BERT whose
+    blocks the kit's encoder can run, with a weights file when it is a directory."""
+    from transformers import AutoConfig
+
+    source = resolve_teacher_path(name_or_path)
+    if source.startswith((".", "/", "~")) or Path(source).exists():
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise TeacherError(f"teacher {name_or_path}: directory not found")
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"teacher {name_or_path}: no config.json in the directory")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise TeacherError(f"teacher {name_or_path}: no weights in the directory (expected one of "
+                               f"{', '.join(WEIGHT_FILES)})")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise TeacherError(f"teacher {name_or_path!r}: its config could not be read (not a local directory, and "
+                           f"the hub is unreachable or has no such model): {str(e).splitlines()[0]}") from None
+    if config.model_type != "bert":
+        raise TeacherError(f"teacher {name_or_path}: model_type {config.model_type!r}, expected 'bert'")
+    return config
+
+
+def has_mlm_head(name_or_path: str) -> bool | None:
+    """Whether a local safetensors teacher stores an MLM head (read from the file's header, not its
+    tensors); None when that cannot be told without loading (hub names, .bin files)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(resolve_teacher_path(name_or_path)).expanduser()
+    file = path / "model.safetensors"
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise TeacherError(f"teacher {name_or_path}: {file.name} is damaged ({str(e).splitlines()[0][:120]}); "
+                           "re-download or re-save the teacher") from None
+    return any(k.startswith(HEAD_PREFIX) for k in keys)
 
 
 class Teacher:

@@ -119,8 +119,8 @@ def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
                         timeout=600)
     assert p2.returncode == 0, p2.stderr[-3000:]
     # Two processes really ran: each saved its own RNG state.
-    assert {p.name for p in (two / "checkpoints" / "step-00000004").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in (two / "checkpoints" / "step-00000004").glob("rng-*.safetensors")} == {
+        "rng-0.safetensors", "rng-1.safetensors"}
     l1, l2 = losses(one), losses(two)
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
     for s in l1:
@@ -235,4 +235,4 @@ def test_student_preset_of_another_width_than_the_teacher_is_refused(tiny_teache
            f"output_dir={tmp_path / 'run'}", "student.preset=minilm-l6-h384"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "student dim=384 vs teacher hidden_size=32" in proc.stderr.strip().splitlines()[-1]
+    assert "(384 wide, 12 heads) cannot be initialised from the teacher (32 wide" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,191 @@
+"""A run directory's guards: one run at a time (a lock file), a trainer that stops when its launcher dies,
+finished runs that are not overwritten by accident, a metrics log without records past the resumed step,
+and a `teacher` link that always names the teacher actually used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LOCK = ".lock"
+# What a run writes into its directory (removed by an explicit --overwrite; nothing else is touched).
+RUN_FILES = ("checkpoints", "student", "metrics.jsonl", "recipe.yaml", "teacher", "wandb")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (reported as one line)."""
+
+
+# ------------------------------------------------------------------------------------------ the lock
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks (Linux), which tells a live owner from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _start_time(pid) in (None, start)
+
+
+class RunLock:
+    """`run_dir/.lock`: JSON with the owner's pid, host and start time, created atomically (write a
+    temporary file, hard-link it into place: the link fails if a lock exists). A lock whose owner is dead
+    (same host, pid gone or reused) is taken over with one warning line; a live owner's is refused."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}")
+        tmp.write_text(json.dumps(me))
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    pass
+                owner = self._owner()
+                if owner is None:
+                    continue  # vanished, or being written: try again
+                if owner.get("host") != me["host"]:
+                    raise RunDirError(f"{self.path.parent} is locked by a run on host {owner.get('host')} (pid "
+                                      f"{owner.get('pid')}, since {owner.get('since')}); if that run is over, "
+                                      f"delete {self.path}")
+                if _alive(int(owner.get("pid", -1)), owner.get("start")):
+                    raise RunDirError(f"{self.path.parent} is in use by another run (pid {owner.get('pid')}, since "
+                                      f"{owner.get('since')}); wait for it to end, or use another output_dir")
+                logger.warning("taking over the lock of a run that ended without releasing it (pid %s)",
+                               owner.get("pid"))
+                self.path.unlink(missing_ok=True)
+            raise RunDirError(f"could not lock {self.path.parent}; delete {self.path} if no run uses it")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"host": socket.gethostname(), "pid": -1}  # unreadable: no live owner can be named
+        return owner if isinstance(owner, dict) else {"host": socket.gethostname(), "pid": -1}
+
+    def release(self) -> None:
+        if self.held:
+            owner = self._owner() or {}
+            if owner.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+# ------------------------------------------------------------------------------------------ the launcher
+PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher() -> bool:
+    """Under `accelerate launch` (or torchrun) ask Linux to send this process SIGTERM when its launcher
+    dies, so a killed launcher never leaves a trainer running (SIGTERM: save a checkpoint, exit). Not for
+    a plain `python distill/run.py`, whose parent is a shell (nohup'ed runs must survive it)."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if not launched or not hasattr(os, "getppid"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # not Linux
+        return False
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ contents
+def check_new_run(run_dir: Path, overwrite: bool) -> None:
+    """A new run (nothing to resume) must not silently replace a finished one: a directory with an exported
+    student or a metrics log is refused unless the user passed --overwrite, which removes the old run's
+    files (only those a run writes)."""
+    run_dir = Path(run_dir)
+    found = [name for name in ("student", "metrics.jsonl") if (run_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        what = "an exported student" if "student" in found else "a run's metrics"
+        raise RunDirError(f"{run_dir} holds {what} ({found[0]}) and no checkpoint to resume; use another "
+                          "output_dir, or pass --overwrite to replace that run")
+    logger.warning("--overwrite: removing the earlier run's files in %s", run_dir)
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (the resumed checkpoint) and drop the rest, and any torn last
+    line, atomically. Returns how many records were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in kept))
+        tmp.replace(path)
+    return dropped
+
+
+def link_teacher(run_dir: Path, source: str) -> None:
+    """`run_dir/teacher` -> the teacher directory actually used (replaced atomically when it named
+    another); removed when the teacher is a hub name (recorded in recipe.yaml)."""
+    link = Path(run_dir) / "teacher"
+    if not Path(source).is_dir():
+        if link.is_symlink():
+            link.unlink()
+        return
+    target = Path(source).resolve()
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.exists() and not link.is_symlink():
+        raise RunDirError(f"{link} exists and is not a link; move it away (the run links its teacher there)")
+    tmp = link.with_name(f"teacher.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    tmp.replace(link)
