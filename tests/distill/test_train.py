@@ -235,4 +235,5 @@ def test_student_preset_of_another_width_than_the_teacher_is_refused(tiny_teache
            f"output_dir={tmp_path / 'run'}", "student.preset=minilm-l6-h384"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "(384 wide, 12 heads) cannot be initialised from the teacher (32 wide" in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "(384 wide, 12 heads) cannot be initialised from the teacher (32 wide" in last
