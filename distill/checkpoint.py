@@ -230,7 +230,8 @@ def verify(path: Path, world: int) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise Damaged(f"{MANIFEST} is unreadable") from None
     if manifest.get("world") != world:
-        raise Damaged(f"it was saved by {manifest.get('world')} processes, this run has {world}")
+        raise Damaged(f"it was saved by {manifest.get('world')} process(es) and this run has {world}; resume "
+                      "with the number of processes that saved it")
     needed = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", STATE_FILE,
               *(f"rng-{r}.{ext}" for r in range(world) for ext in ("safetensors", "json"))}
     missing = sorted(needed - set(files))
@@ -302,7 +303,8 @@ def apply(loaded: Loaded, parts: Parts, model_loader: Callable[[dict], None] | N
             parts.scaler.load_state_dict(loaded.scaler)
         set_rng(*loaded.rng)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise Damaged(f"its tensors do not fit this run ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"checkpoint {loaded.path} does not fit this run ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
     return loaded.state
 
 
@@ -315,32 +317,45 @@ def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
         raise KeyError(f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
-def restore(run_dir: Path, parts: Parts, warn: Callable[[str], None] = logger.warning,
-            model_loader: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
-    """Resume from the newest usable checkpoint: verified, parsed, then applied. A damaged one is renamed
-    `step-N.damaged` (kept for inspection) with one warning naming the file; the next older one is tried.
-    Returns its trainer state, or None when the run has no checkpoint at all; raises CheckpointError when
-    checkpoints exist and none is usable."""
+def find(run_dir: Path, rank: int = 0, world: int = 1, warn: Callable[[str], None] = logger.warning,
+         barrier: Callable[[], None] = lambda: None) -> Loaded | None:
+    """The newest usable checkpoint, verified and parsed (not applied). Damaged newer ones get one warning
+    line each naming the file, and are renamed `step-N.damaged` (kept for inspection) once an older usable
+    one is found. None when the run has no checkpoint; CheckpointError, with nothing on disk changed,
+    when checkpoints exist and none is usable."""
     dirs = checkpoint_dirs(run_dir)
     legacy = legacy_dirs(run_dir)
     if not dirs and legacy:
         raise CheckpointError(f"{legacy[-1]} is an earlier version's checkpoint (pickle files, which could run "
                               "code when loaded); it is not loaded. Start the run in a new output_dir")
-    tried = []
+    damaged: list[tuple[Path, str]] = []
     for path in reversed(dirs):
         try:
-            return apply(read(path, parts.rank, parts.world), parts, model_loader)
+            loaded = read(path, rank, world)
         except Damaged as e:
-            tried.append(path.name)
-            warn(f"checkpoint {path} is damaged: {e}; " + (
-                "trying the previous one" if path != dirs[0] else "no older checkpoint is left"))
-            parts.barrier()
-            if parts.is_main:
-                aside = path.with_name(path.name + ".damaged")
+            damaged.append((path, str(e)))
+            continue
+        for bad, why in damaged:
+            if rank == 0:
+                warn(f"checkpoint {bad} is damaged: {why}; resuming from {path.name} (the damaged one is kept "
+                     f"as {bad.name}.damaged)")
+        barrier()
+        if rank == 0:
+            for bad, _ in damaged:
+                aside = bad.with_name(bad.name + ".damaged")
                 shutil.rmtree(aside, ignore_errors=True)
-                path.rename(aside)
-            parts.barrier()
-    if tried:
-        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'} (damaged: "
-                              f"{', '.join(tried)}; kept as *.damaged); start over in a new output_dir")
+                bad.rename(aside)
+        barrier()
+        return loaded
+    if damaged:
+        names = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'} ({names}); start over "
+                              "with --overwrite or in a new output_dir")
     return None
+
+
+def restore(run_dir: Path, parts: Parts, warn: Callable[[str], None] = logger.warning,
+            model_loader: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
+    """`find` then `apply`: the trainer state of the newest usable checkpoint (None: no checkpoint)."""
+    loaded = find(run_dir, parts.rank, parts.world, warn, parts.barrier)
+    return None if loaded is None else apply(loaded, parts, model_loader)

@@ -99,6 +99,22 @@ def check_files(cfg: DataConfig) -> None:
             text = head[:e.start].decode("utf-8")
         if not text.strip():
             raise DataError(f"data file {f} has no text (only blank lines)")
+        if path.suffix.lower() == ".jsonl":
+            complete = len(head) < TEXT_CHECK_BYTES
+            lines = text.splitlines() if complete else text.splitlines()[:-1]
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"data file {f} line {n} is not JSON ({str(e).split(':')[0]}); a .jsonl file "
+                                    "holds one JSON object per line") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"data file {f} line {n} is not a JSON object")
+                if cfg.text_field not in record:
+                    raise DataError(f"data file {f} line {n} has no field {cfg.text_field!r} (data.text_field); "
+                                    f"fields: {sorted(record)[:8]}")
 
 
 def load_documents(cfg: DataConfig, streaming: bool | None = None) -> datasets.Dataset | datasets.IterableDataset:
@@ -112,8 +128,13 @@ def load_documents(cfg: DataConfig, streaming: bool | None = None) -> datasets.D
         missing = [f for f in cfg.files if not Path(f).exists()]
         if missing:
             raise FileNotFoundError(f"data file {missing[0]} not found (data.files)")
-        ds = datasets.load_dataset(file_format(cfg.files), data_files=list(cfg.files), split="train",
-                                   streaming=streaming)
+        fmt = file_format(cfg.files)
+        try:
+            ds = datasets.load_dataset(fmt, data_files=list(cfg.files), split="train", streaming=streaming)
+        except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as e:
+            cause = e.__cause__ or e.__context__ or e
+            raise DataError(f"data file {cfg.files[0] if len(cfg.files) == 1 else cfg.files} could not be read "
+                            f"as {fmt}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
     else:
         ds = datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, streaming=streaming)
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())

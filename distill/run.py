@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace a run already in output_dir (default: resume it, or refuse)")
     args = parser.parse_intermixed_args(argv)  # flags may sit between the recipe and its overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.raiseExceptions = False  # a library's malformed log call must not print a traceback
 
     from distill.recipes import RecipeError, resolve
 

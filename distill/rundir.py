@@ -130,16 +130,16 @@ def stop_with_launcher() -> bool:
 # ------------------------------------------------------------------------------------------ contents
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """A new run (nothing to resume) must not silently replace a finished one: a directory with an exported
-    student or a metrics log is refused unless the user passed --overwrite, which removes the old run's
-    files (only those a run writes)."""
+    student is refused unless the user passed --overwrite, which removes the old run's files (only those a
+    run writes). A run of the same recipe that ended before its first checkpoint simply starts again."""
     run_dir = Path(run_dir)
-    found = [name for name in ("student", "metrics.jsonl") if (run_dir / name).exists()]
-    if not found:
-        return
     if not overwrite:
-        what = "an exported student" if "student" in found else "a run's metrics"
-        raise RunDirError(f"{run_dir} holds {what} ({found[0]}) and no checkpoint to resume; use another "
-                          "output_dir, or pass --overwrite to replace that run")
+        if (run_dir / "student").exists():
+            raise RunDirError(f"{run_dir} holds an exported student (student/) and no checkpoint to resume; use "
+                              "another output_dir, or pass --overwrite to replace that run")
+        return
+    if not any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in RUN_FILES):
+        return
     logger.warning("--overwrite: removing the earlier run's files in %s", run_dir)
     for name in RUN_FILES:
         p = run_dir / name

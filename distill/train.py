@@ -305,6 +305,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     share_cpu_cores(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
     preflight(recipe, tokenizer, accelerator.device, accelerator.num_processes)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise rundir.RunDirError(f"output_dir {run_dir} is a file, not a directory; choose another output_dir")
     lock = rundir.RunLock(run_dir)
     error = None
     if accelerator.is_main_process:
@@ -328,11 +330,13 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
     set_seed(cfg.seed)
 
     # --- resume, or start a new run (never silently over a finished one)
-    resuming = bool(checkpoint.checkpoint_dirs(run_dir) or checkpoint.legacy_dirs(run_dir))
-    saved = read_saved_recipe(run_dir)
-    if saved is not None and not overwrite:
+    resuming = bool(checkpoint.checkpoint_dirs(run_dir) or checkpoint.legacy_dirs(run_dir)) and not overwrite
+    saved = read_saved_recipe(run_dir) if not overwrite else None
+    if saved is not None:
         check_resumable(saved, recipe)
-    if not resuming and accelerator.is_main_process:
+    # the checkpoint to resume from: verified and read now, applied once the model exists
+    loaded = checkpoint.find(run_dir, rank, world, _warn_line, accelerator.wait_for_everyone) if resuming else None
+    if loaded is None and accelerator.is_main_process:
         rundir.check_new_run(run_dir, overwrite)
     accelerator.wait_for_everyone()
 
@@ -340,9 +344,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
     with accelerator.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer)
     check_corpus(corpus, recipe)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    if accelerator.is_main_process and (saved is None or saved != recipe.to_dict()):
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())  # (rewritten only when it changes)
     teacher = build_teacher(recipe, tokenizer, corpus, accelerator)
     student = build_student(recipe, teacher)
     pairs = layer_pairs(loss_cfg, student.config.n_layers, teacher.num_layers)
@@ -371,14 +374,14 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
                              accelerator.wait_for_everyone)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "wandb_id": None}
-    restored = checkpoint.restore(run_dir, parts, warn=_warn_line) if resuming else None
-    if restored is not None:
-        state = restored
-        logger.info("resuming from step %d", state["step"])
+    if loaded is not None:
+        state = checkpoint.apply(loaded, parts)
+        logger.info("resuming from %s (step %d)", loaded.path, state["step"])
+        del loaded
     start_step = state["step"]
     metrics = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
     if accelerator.is_main_process:
-        dropped = rundir.truncate_metrics(metrics.path, start_step if restored is not None else -1)
+        dropped = rundir.truncate_metrics(metrics.path, start_step if start_step > 0 else -1)
         if dropped:
             logger.info("metrics.jsonl: dropped %d records past step %d (they are recomputed)", dropped, start_step)
     state["wandb_id"] = tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), state.get("wandb_id"))

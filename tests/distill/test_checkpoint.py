@@ -97,8 +97,8 @@ def test_no_usable_checkpoint_is_one_error_and_old_pickle_checkpoints_are_not_lo
     p = parts()
     checkpoint.save(p, tmp_path, 1, {}, keep=5)
     (tmp_path / "checkpoints" / "step-00000001" / "model.safetensors").write_bytes(b"\0" * 10)
-    with pytest.raises(checkpoint.CheckpointError, match="no usable checkpoint.*step-00000001"):
-        checkpoint.restore(tmp_path, parts(), warn=lambda m: None)
+    with pytest.raises(checkpoint.CheckpointError, match="no usable checkpoint.*step-00000001: model.safetensors"):
+        checkpoint.restore(tmp_path, parts())
     legacy = tmp_path / "old"
     (legacy / "checkpoints" / "step-00000005").mkdir(parents=True)
     (legacy / "checkpoints" / "step-00000005" / "trainer_state.json").write_text('{"step": 5}')
@@ -127,10 +127,8 @@ def test_damage_is_detected_before_anything_is_applied(tmp_path, damage):
     before = q.model[0].weight.detach().clone()
     if damage == "extra-world":
         q.world = 2  # saved by one process, resumed by two: refused, not half-restored
-    messages = []
-    with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.restore(tmp_path, q, warn=messages.append)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.restore(tmp_path, q)
     assert torch.equal(q.model[0].weight, before)  # nothing applied
-    assert len(messages) == 1
-    if damage != "extra-world":
-        assert "optimizer.safetensors" in messages[0]
+    assert (tmp_path / "checkpoints" / "step-00000001").is_dir()  # nothing renamed when none is usable
+    assert "optimizer.safetensors" in str(e.value) if damage != "extra-world" else "this run has 2" in str(e.value)
