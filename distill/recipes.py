@@ -34,9 +34,11 @@ class AdaptConfig:
     weight_decay: float = 0.01
     eval_batches: int = 20
     seed: int = 0
+    save_every: int = 100  # checkpoint in the cache (an interrupted adaptation resumes); does not change the result
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, "teacher.adapt.steps", "must be >= 0")
+        require(self.save_every > 0, "teacher.adapt.save_every", "must be > 0")
         require(self.batch_size > 0, "teacher.adapt.batch_size", "must be > 0")
         require(self.lr > 0 and self.head_lr > 0, "teacher.adapt.lr", "learning rates must be > 0")
 

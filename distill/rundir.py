@@ -104,6 +104,23 @@ class RunLock:
             self.held = False
 
 
+# ------------------------------------------------------------------------------------------ signals
+class StopRequest:
+    """SIGTERM/SIGINT while training: remember the signal; the loop finishes its step, saves a checkpoint
+    and exits with 128 + signal. `restore()` puts the previous handlers back."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
 # ------------------------------------------------------------------------------------------ the launcher
 PR_SET_PDEATHSIG = 1
 

@@ -55,7 +55,8 @@ from teachers.teacher import Teacher, TeacherError, has_mlm_head, resolve_teache
 logger = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption (they do not change the computation).
-RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+RESUMABLE_CHANGES = ("train.max_steps", "teacher.adapt.save_every",
+                     "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.",
                      "train.compile", "train.loss_kernel", "train.peak_tflops",
                      "train.compile_loss",  # (recorded by runs of earlier versions)
@@ -252,21 +253,6 @@ def read_saved_recipe(run_dir: Path) -> dict | None:
     return saved
 
 
-class StopRequest:
-    """SIGTERM/SIGINT: finish the current step, save a checkpoint, exit."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def _warn_line(message: str) -> None:
     """One warning line that the progress bar does not overwrite."""
     tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -414,7 +400,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
     logger.info("step: vocabulary-loss kernel %s, compiled blocks %s, peak %s TFLOP/s per device", kernel,
                 compiled, peak)
 
-    stop = StopRequest()
+    stop = rundir.StopRequest()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="distill", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     student_eval: dict[str, float] = {}

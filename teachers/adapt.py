@@ -4,6 +4,10 @@ Needed for teachers without an MLM head (sentence encoders such as the offline a
 useful for any teacher (adapt bert-base to your domain, then distil). All layers train; the loss is taken
 on the masked positions only, so the vocabulary projection runs on ~15% of the rows. The result is
 cached on disk under a key of everything that determines it, so later runs reuse it.
+
+An adaptation in progress checkpoints into `<cache entry>.partial/` every `save_every` steps and on
+SIGTERM/SIGINT (the checkpoints of distill.checkpoint: no pickle, verified, with fallback), holding a lock
+there; an interrupted adaptation resumes where it stopped, with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, PreTrainedTokenizerBase
 
+from distill import checkpoint, rundir
 from distill.data import Corpus, GlobalBatchSampler, eval_batches, train_loader
 from distill.masking import MLMCollator, standard_masking
 from distill.metrics import evaluate_mlm
@@ -33,6 +38,7 @@ from teachers.teacher import load_bert_mlm, resolve_teacher_path
 logger = logging.getLogger(__name__)
 
 ADAPT_VERSION = "1"
+NOT_IN_KEY = ("save_every",)  # settings that do not change the adapted weights
 
 
 def cache_root() -> Path:
@@ -53,7 +59,7 @@ def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, 
     payload = {
         "version": ADAPT_VERSION,
         "teacher": source_identity(name_or_path),
-        "adapt": dataclasses.asdict(cfg),
+        "adapt": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY},
         "masking": dataclasses.asdict(masking),
         "corpus": corpus_id,
     }
@@ -82,14 +88,46 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
     if (out / "adapt_report.json").exists():
         logger.info("reusing adapted teacher %s", out)
         return out
-    device = torch.device(device)
+    partial = out.with_name(out.name + ".partial")
+    lock = rundir.RunLock(partial)
+    lock.acquire()  # one adaptation of this teacher at a time; a dead one's lock is taken over
+    stop = rundir.StopRequest()
+    # The caller's generators are left as they were: a run that adapts and one that reuses the cached
+    # adaptation go on identically.
+    caller_rng = checkpoint.rng_files()
+    try:
+        model, report = _adapt(name_or_path, tokenizer, corpus, cfg, masking, torch.device(device), partial, stop)
+        report["key"] = key
+        logger.info("teacher adapted in %.0f s: held-out masked accuracy %.3f -> %.3f",
+                    report["seconds"], report["before"]["mlm_accuracy"], report["after"]["mlm_accuracy"])
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "adapt_report.json").write_text(json.dumps(report, indent=2))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(out)  # atomic: a half-written adaptation is never picked up
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        checkpoint.set_rng(*caller_rng)
+        stop.restore()
+        lock.release()
+    if (out / "adapt_report.json").exists():
+        shutil.rmtree(partial, ignore_errors=True)  # its checkpoints are no longer needed
+    return out
+
+
+def _adapt(name_or_path: str, tokenizer, corpus: Corpus, cfg: AdaptConfig, masking: MaskingConfig,
+           device: torch.device, partial: Path, stop: rundir.StopRequest) -> tuple[BertForMaskedLM, dict]:
+    """The adaptation loop, resumed from `partial`'s newest usable checkpoint when there is one."""
+    torch.manual_seed(cfg.seed)  # the new head's initialisation and dropout: the same result on every machine
     with _quiet_transformers():
         model, missing = load_bert_mlm(name_or_path)
     model.to(device).train()
     collator = MLMCollator(tokenizer, masking)
     val = eval_batches(corpus.validation, cfg.batch_size, cfg.eval_batches, cfg.seed)
-    before = masked_accuracy(model, val, collator, device)
-    logger.info("teacher %s before adaptation: %s (new head tensors: %s)", name_or_path, before, missing)
 
     decoder = model.cls.predictions.decoder.weight  # tied to the word embeddings: trains with the body
     head = [p for n, p in model.named_parameters() if n.startswith("cls.") and p is not decoder]
@@ -103,11 +141,22 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
     ], betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, cfg.steps)
+    parts = checkpoint.Parts(model, optimizer, scheduler)
+
+    loaded = checkpoint.find(partial, warn=lambda m: tqdm.write(f"warning: {m}"))
+    if loaded is not None:
+        state = checkpoint.apply(loaded, parts)
+        logger.info("resuming the adaptation of %s at step %d of %d", name_or_path, state["step"], cfg.steps)
+    else:
+        state = {"step": 0, "seconds": 0.0, "before": masked_accuracy(model, val, collator, device)}
+        logger.info("teacher %s before adaptation: %s (new head tensors: %s)", name_or_path, state["before"],
+                    missing)
     sampler = GlobalBatchSampler(corpus.train["length"], cfg.batch_size, cfg.seed, group_by_length=True)
-    batches = iter(train_loader(corpus.train, sampler, collator, rank=0, world=1, seed=cfg.seed))
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="adapt teacher", dynamic_ncols=True)
-    for _ in bar:
+    batches = iter(train_loader(corpus.train, sampler, collator, rank=0, world=1, start_batch=state["step"],
+                                seed=cfg.seed))
+    t0 = time.perf_counter() - state["seconds"]
+    bar = tqdm(range(state["step"], cfg.steps), desc="adapt teacher", dynamic_ncols=True)
+    for step in bar:
         b = {k: v.to(device) for k, v in next(batches).items()}
         hidden = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         rows = b["labels"] != -100
@@ -120,24 +169,20 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if stop.signum or (done % cfg.save_every == 0 and done < cfg.steps):
+            state.update(step=done, seconds=time.perf_counter() - t0)
+            checkpoint.save(parts, partial, done, state, keep=2)
+        if stop.signum:
+            bar.close()
+            logger.warning("signal %d: adaptation checkpoint saved at step %d of %d in %s; run again to resume",
+                           stop.signum, done, cfg.steps, partial)
+            raise SystemExit(128 + stop.signum)
     seconds = time.perf_counter() - t0
     after = masked_accuracy(model, val, collator, device)
     report = {"teacher": name_or_path, "steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(seconds, 1),
-              "before": before, "after": after, "new_head_tensors": missing, "key": key}
-    logger.info("teacher adapted in %.0f s: held-out masked accuracy %.3f -> %.3f",
-                seconds, before["mlm_accuracy"], after["mlm_accuracy"])
-
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "adapt_report.json").write_text(json.dumps(report, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(out)  # atomic: a half-written adaptation is never picked up
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+              "before": state["before"], "after": after, "new_head_tensors": missing}
+    return model, report
 
 
 class _quiet_transformers:

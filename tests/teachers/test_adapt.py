@@ -44,3 +44,53 @@ def test_adapting_the_packaged_minilm_then_exact_student(tokenizer, small_corpus
         expected = teacher.model(input_ids=ids, attention_mask=mask).logits
         got = student(ids, mask).logits
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=0)
+
+
+def _adapted_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_an_interrupted_adaptation_resumes_to_the_same_teacher(tokenizer, small_corpus, tiny_teacher_dir, tmp_path,
+                                                               monkeypatch):
+    import os
+    import signal
+
+    from distill import checkpoint
+
+    cfg, corpus = small_corpus
+    adapt = AdaptConfig(steps=5, batch_size=4, eval_batches=1, save_every=2)
+    ident = corpus_identity(cfg, tokenizer)
+    teacher = str(tiny_teacher_dir)
+    rng_before = torch.get_rng_state()
+    whole = adapt_teacher(teacher, tokenizer, corpus, ident, adapt, MaskingConfig(), root=tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's generator is left alone
+
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def interrupting(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C during step 4
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupting)
+    with pytest.raises(SystemExit) as stopped:
+        adapt_teacher(teacher, tokenizer, corpus, ident, adapt, MaskingConfig(), root=tmp_path / "b")
+    monkeypatch.undo()
+    assert stopped.value.code == 128 + signal.SIGINT
+    (partial,) = (tmp_path / "b" / "teachers").glob("*.partial")
+    assert [p.name for p in checkpoint.checkpoint_dirs(partial)] == ["step-00000002", "step-00000004"]
+    assert not (partial / ".lock").exists()
+    # the newest adaptation checkpoint is damaged: it falls back to step 2, and still ends where `whole` did
+    damaged = partial / "checkpoints" / "step-00000004" / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    resumed = adapt_teacher(teacher, tokenizer, corpus, ident, adapt, MaskingConfig(), root=tmp_path / "b")
+    assert resumed.name == whole.name and not partial.exists()
+    a, b = _adapted_weights(whole), _adapted_weights(resumed)
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+    ra, rb = (json.loads((p / "adapt_report.json").read_text()) for p in (whole, resumed))
+    assert ra["before"] == rb["before"] and ra["after"] == rb["after"]
