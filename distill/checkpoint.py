@@ -2,8 +2,8 @@
 
 A checkpoint `checkpoints/step-N/` holds only safetensors and JSON, so loading one can never run code:
 
-    model.safetensors         the trained module's tensors (tied tensors stored once)
-    optimizer.safetensors     optimizer state tensors, keyed `state.<param index>.<name>`
+    model.safetensors         the trained module's full tensors (tied tensors stored once)
+    optimizer.safetensors     optimizer state tensors, keyed `state/<parameter name>/<name>`
     optimizer.json            param groups and non-tensor state
     scheduler.json            the LR scheduler's state_dict
     scaler.json               the fp16 grad scaler's state (fp16 runs only)
@@ -13,9 +13,12 @@ A checkpoint `checkpoints/step-N/` holds only safetensors and JSON, so loading o
     manifest.json             size and sha256 of every file above, written last
 
 Everything is written into `step-N.tmp` and renamed to `step-N` after the manifest, so a run killed
-mid-save never leaves a checkpoint that looks complete. `restore()` verifies the manifest and parses every
-file before touching the model; a damaged newest checkpoint is set aside (`step-N.damaged`) with one
-warning line naming the file, and the previous complete one is used.
+mid-save never leaves a checkpoint that looks complete. Model and optimizer states go through
+`torch.distributed.checkpoint.state_dict` as full (unsharded) state dicts, so one format serves one
+process, DDP and FSDP2 alike (FSDP shards are gathered to the main process on save and re-sharded on
+load). `find()` verifies the manifest and parses every file before anything is applied; a damaged
+newest checkpoint is set aside (`step-N.damaged`) with one warning line naming the file, and the
+previous complete one is used.
 """
 
 from __future__ import annotations
@@ -35,8 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,25 +134,45 @@ def _jsonable(value: Any, what: str) -> Any:
 
 
 def optimizer_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as (tensors, JSON): tensors keyed `state.<index>.<name>`."""
+    """A full optimizer state dict (keyed by parameter names) as (tensors, JSON)."""
     tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
+    for fqn, per_param in state["state"].items():
         for name, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state/{fqn}/{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(idx), {})[name] = _jsonable(value, f"optimizer state {name}")
+                scalars.setdefault(str(fqn), {})[name] = _jsonable(value, f"optimizer state {name}")
     return tensors, {"param_groups": _jsonable(state["param_groups"], "optimizer param_groups"), "scalars": scalars}
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
+        _, fqn, name = key.split("/", 2)
+        state.setdefault(fqn, {})[name] = value
+    for fqn, values in meta["scalars"].items():
+        state.setdefault(fqn, {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+
+
+def aliases(model: nn.Module) -> set[str]:
+    """Names of tied parameters beyond their first name (the vocabulary projector tied to the embeddings)."""
+    first = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+
+
+def full_states(parts: Parts) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full model and optimizer states on the CPU (a collective under FSDP: every process calls it; the
+    main process receives the tensors)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=parts.world > 1)
+    model = get_model_state_dict(parts.model, options=options)
+    optim = get_optimizer_state_dict(parts.model, _torch_optimizer(parts.optimizer), options=options)
+    tied = aliases(parts.model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.items() if k not in tied}, optim
 
 
 def rng_files() -> tuple[dict[str, torch.Tensor], dict]:
@@ -168,10 +198,8 @@ def set_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: int,
-         model_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save a checkpoint for `step` (call on every process); returns its directory. `model_state`: a
-    full state dict gathered by the caller (FSDP); default: the model's own tensors."""
+def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Save a checkpoint for `step` (call on every process); returns its directory."""
     final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if parts.is_main:
@@ -181,12 +209,10 @@ def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: in
     tensors, meta = rng_files()
     save_file(tensors, str(tmp / f"rng-{parts.rank}.safetensors"))
     _write_json(tmp / f"rng-{parts.rank}.json", meta)
-    opt_tensors, opt_meta = optimizer_files(parts.optimizer.state_dict())
+    model_state, optim_state = full_states(parts)
     if parts.is_main:
-        if model_state is None:
-            save_model(parts.model, str(tmp / "model.safetensors"))
-        else:
-            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = optimizer_files(optim_state)
+        save_file(model_state, str(tmp / "model.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", opt_meta)
         _write_json(tmp / "scheduler.json", _jsonable(parts.scheduler.state_dict(), "scheduler state"))
@@ -290,14 +316,17 @@ def read(path: Path, rank: int, world: int) -> Loaded:
     return Loaded(path, model, opt, scheduler, scaler, rng, state)
 
 
-def apply(loaded: Loaded, parts: Parts, model_loader: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Put a parsed checkpoint into the model, optimizer, scheduler, scaler and generators."""
+def apply(loaded: Loaded, parts: Parts) -> dict[str, Any]:
+    """Put a parsed checkpoint into the model, optimizer, scheduler, scaler and generators (every process
+    holds the full states and loads its own part of them)."""
     try:
-        if model_loader is not None:
-            model_loader(loaded.model)
-        else:
-            _load_model_state(parts.model, loaded.model)
-        parts.optimizer.load_state_dict(loaded.optimizer)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing, unexpected = set_model_state_dict(parts.model, loaded.model, options=options)
+        missing = set(missing) - aliases(parts.model)
+        if missing or unexpected:
+            raise KeyError(f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        set_optimizer_state_dict(parts.model, _torch_optimizer(parts.optimizer), loaded.optimizer,
+                                 options=StateDictOptions(full_state_dict=True))
         parts.scheduler.load_state_dict(loaded.scheduler)
         if parts.scaler is not None and loaded.scaler is not None:
             parts.scaler.load_state_dict(loaded.scaler)
@@ -306,15 +335,6 @@ def apply(loaded: Loaded, parts: Parts, model_loader: Callable[[dict], None] | N
         raise CheckpointError(f"checkpoint {loaded.path} does not fit this run ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
     return loaded.state
-
-
-def _load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Strict load that accepts tied tensors stored once (safetensors' save_model)."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    own = model.state_dict()
-    tied = {k for k in missing if any(own[k].data_ptr() == own[j].data_ptr() for j in tensors if j in own)}
-    if unexpected or set(missing) - tied:
-        raise KeyError(f"missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
 
 
 def find(run_dir: Path, rank: int = 0, world: int = 1, warn: Callable[[str], None] = logger.warning,
@@ -354,8 +374,7 @@ def find(run_dir: Path, rank: int = 0, world: int = 1, warn: Callable[[str], Non
     return None
 
 
-def restore(run_dir: Path, parts: Parts, warn: Callable[[str], None] = logger.warning,
-            model_loader: Callable[[dict], None] | None = None) -> dict[str, Any] | None:
+def restore(run_dir: Path, parts: Parts, warn: Callable[[str], None] = logger.warning) -> dict[str, Any] | None:
     """`find` then `apply`: the trainer state of the newest usable checkpoint (None: no checkpoint)."""
     loaded = find(run_dir, parts.rank, parts.world, warn, parts.barrier)
-    return None if loaded is None else apply(loaded, parts, model_loader)
+    return None if loaded is None else apply(loaded, parts)

@@ -160,6 +160,24 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
                           "use fp16 or no")
 
 
+def asked_for(name: str) -> bool:
+    """Whether `accelerate launch` (flag or config file) asked for FSDP / DEEPSPEED."""
+    return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"
+
+
+def check_distribution(accelerator: Accelerator | None) -> None:
+    """Refuse a sharding the user asked for that would not happen, or whose state the checkpoints cannot
+    hold. Called before the Accelerator exists (None) and after."""
+    from accelerate.utils import DistributedType
+
+    if asked_for("DEEPSPEED") or accelerator and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise RecipeError("DeepSpeed is not supported: its ZeRO optimizer state can only be stored with pickle, which "
+                          "the kit's checkpoints never hold; shard with FSDP instead (recipes/accelerate/fsdp.yaml)")
+    if accelerator and asked_for("FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        raise RecipeError(f"FSDP was asked for, but Accelerate runs this as {accelerator.distributed_type.value} "
+                          "(it applies FSDP on GPUs only); drop --use_fsdp, or launch on GPUs")
+
+
 def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> None:
     """Every check that needs no corpus and no weights, before any slow work (tokenizing, adapting,
     loading): precision, the teacher's config and files, vocabulary, positions, student shape."""
@@ -270,9 +288,12 @@ def adapt_only(recipe: Recipe) -> dict[str, Any]:
     adapt_report.json plus the adapted teacher's directory. `distill/run.py RECIPE --adapt-only`."""
     if recipe.teacher.adapt.steps == 0:
         raise RecipeError("teacher.adapt.steps is 0: nothing to adapt; set teacher.adapt.steps=N (e.g. 600)")
+    check_distribution(None)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    check_distribution(accelerator)
     share_cpu_cores(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
+    preflight(recipe, tokenizer, accelerator.device, accelerator.num_processes)
     with accelerator.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer)
     path = adapted_teacher(recipe, tokenizer, corpus, accelerator)
@@ -285,9 +306,11 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     metrics.jsonl, checkpoints/step-N/, student/ (Hugging Face format, with its tokenizer). A directory
     holding another run is refused unless `overwrite` (the CLI's --overwrite)."""
     run_dir = Path(recipe.output_dir)
+    check_distribution(None)
     accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
                               log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
     rundir.stop_with_launcher()
+    check_distribution(accelerator)
     share_cpu_cores(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
     preflight(recipe, tokenizer, accelerator.device, accelerator.num_processes)

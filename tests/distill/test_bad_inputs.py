@@ -265,6 +265,8 @@ CASES = [
     Case("fp16-on-cpu", ["train.mixed_precision=fp16"], r"fp16 is not supported on CPUs"),
     Case("wandb-mode-bogus", ["tracking.wandb=true"], r"WANDB_MODE='sometimes' is not one of",
          env={"WANDB_MODE": "sometimes"}),
+    Case("fsdp-on-cpu", [], r"FSDP was asked for, but Accelerate runs this as NO", env={"ACCELERATE_USE_FSDP": "true"}),
+    Case("deepspeed", [], r"DeepSpeed is not supported", env={"ACCELERATE_USE_DEEPSPEED": "true"}),
     # --- the run directory and its checkpoints
     Case("rundir-other-recipe", [], r"holds a run with a different recipe \(train.lr",
          setup=run_dir_with("other-recipe")),
