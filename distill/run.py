@@ -78,4 +78,8 @@ QUIET_TYPES = ("RecipeError", "TeacherError", "RunDirError", "CheckpointError", 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves a checkpoint and exits itself)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -51,3 +51,32 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
     assert max((wr[k] - w2[k]).abs().max().item() for k in w2) == 0.0
     manifest = json.loads((two / "checkpoints" / "step-00000002" / "manifest.json").read_text())
     assert manifest["world"] == 2 and {"rng-0.json", "rng-1.json"} <= set(manifest["files"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Accelerate applies FSDP on GPUs only")
+def test_accelerate_fsdp_run_matches_the_unsharded_run_on_a_gpu(tiny_teacher_dir, tmp_path):
+    """The trainer through recipes/accelerate/fsdp.yaml (one GPU is enough for FSDP's code paths) against the
+    same recipe without FSDP: equal losses within fp32 reduction-order rounding, and the run resumes."""
+    from tests.distill.test_train import TINY, env, losses
+
+    n = torch.cuda.device_count()
+    args = [str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
+            "student.dropout=0.0", "train.eval_every=100", "train.compile=false", "train.save_every=2"]
+    plain = subprocess.run([sys.executable, "distill/run.py", *args, f"output_dir={tmp_path / 'plain'}"], cwd=ROOT,
+                           env=env(), capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", str(n), "--mixed_precision", "no",
+              "distill/run.py", *args]
+    sharded = subprocess.run([*launch, f"output_dir={tmp_path / 'fsdp'}"], cwd=ROOT, env=env(), capture_output=True,
+                             text=True, timeout=600)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    l1, l2 = losses(tmp_path / "plain"), losses(tmp_path / "fsdp")
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+    for s in l1:
+        assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1, l2)
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000004")
+    again = subprocess.run([*launch, f"output_dir={tmp_path / 'fsdp'}"], cwd=ROOT, env=env(), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(tmp_path / "fsdp")[4] == pytest.approx(l2[4], rel=1e-6)
