@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -30,7 +29,7 @@ from distill.losses import soft_target_loss
 from distill.metrics import compute_classification_loss, evaluate_classification_metrics
 from distill.recipes import FinetuneRecipe
 from distill.tasks import load_classification, split_loader
-from distill.train import optimizer_groups, share_cpu_cores
+from distill.train import check_precision, make_accelerator, optimizer_groups, share_cpu_cores
 from students.modeling import DistilBERTForSequenceClassification, resolve_model_dir
 from students.tokenizer import get_tokenizer
 
@@ -53,8 +52,8 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     under recipe.output_dir and returns the test accuracy / macro-F1 of the best model."""
     cfg = recipe.train
     run_dir = Path(recipe.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracking.log_with(recipe.tracking),
-                              project_dir=str(run_dir))
+    accelerator = make_accelerator(cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
+    check_precision(cfg.mixed_precision, accelerator.device)
     share_cpu_cores(accelerator)
     set_seed(cfg.seed)
     if accelerator.is_main_process:

@@ -162,7 +162,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     clip_grad_norm: float = 5.0
     seed: int = 56
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # None: Accelerate's choice (`accelerate launch --mixed_precision`, its config file, or
+    # ACCELERATE_MIXED_PRECISION; "no" without any); the run's recipe.yaml records what was used
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     num_workers: int = 0
     # torch.compile each transformer block of student and teacher; auto: on for CUDA, off on CPUs (where it
     # measured no gain and costs a minute of compilation)
@@ -254,7 +256,7 @@ class FinetuneTrainConfig:
     warmup_fraction: float = 0.1
     clip_grad_norm: float = 1.0
     seed: int = 42
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: Accelerate's choice (see TrainConfig)
     eval_every: int | None = None  # steps; default: once per epoch
     patience: int = 2  # evaluations without validation improvement before stopping
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
@@ -319,6 +321,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise RecipeError(errors[0] if errors else f"{key} must not be null")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false (yes/on/true) as booleans
+            words = ("no", "off", "false") if value is False else ("yes", "on", "true")
+            value = next((a for a in typing.get_args(tp) if a in words), value)
         if value not in typing.get_args(tp):
             raise RecipeError(f"{key} is {value!r}; choose one of {list(typing.get_args(tp))}")
         return value

@@ -150,6 +150,22 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_accelerator(section, **kwargs) -> Accelerator:
+    """An Accelerator with the recipe's precision when it sets one (one line when the launcher asked for
+    another), else Accelerate's own (launch flag, config file, environment). `section.mixed_precision` is
+    set to what the run actually uses, so the run directory's recipe.yaml records it."""
+    wanted = section.mixed_precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if wanted is not None and launched not in (None, "no", wanted):
+        logger.warning("train.mixed_precision=%s (the recipe) overrides Accelerate's %s", wanted, launched)
+    accelerator = Accelerator(mixed_precision=wanted, **kwargs)
+    used = accelerator.mixed_precision
+    if used not in ("no", "bf16", "fp16"):
+        raise RecipeError(f"mixed precision {used!r} from Accelerate is not supported; use no, bf16 or fp16")
+    section.mixed_precision = used
+    return accelerator
+
+
 def check_precision(mixed_precision: str, device: torch.device) -> None:
     """Refuse a precision the device would silently not use (Accelerate runs fp16-on-CPU as fp32)."""
     if mixed_precision == "fp16" and device.type == "cpu":
@@ -289,7 +305,7 @@ def adapt_only(recipe: Recipe) -> dict[str, Any]:
     if recipe.teacher.adapt.steps == 0:
         raise RecipeError("teacher.adapt.steps is 0: nothing to adapt; set teacher.adapt.steps=N (e.g. 600)")
     check_distribution(None)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision)
+    accelerator = make_accelerator(recipe.train)
     check_distribution(accelerator)
     share_cpu_cores(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
@@ -307,8 +323,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     holding another run is refused unless `overwrite` (the CLI's --overwrite)."""
     run_dir = Path(recipe.output_dir)
     check_distribution(None)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision,
-                              log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
+    accelerator = make_accelerator(recipe.train, log_with=tracking.log_with(recipe.tracking),
+                                   project_dir=str(run_dir))
     rundir.stop_with_launcher()
     check_distribution(accelerator)
     share_cpu_cores(accelerator)

@@ -90,3 +90,16 @@ def test_speed_settings_and_earlier_versions_keys_do_not_block_resuming():
     saved["train"]["lr"] = 1.0
     with pytest.raises(ValueError, match="train.lr"):
         check_resumable(saved, Recipe())
+
+
+@pytest.mark.parametrize("text", ["no", "false", "off", '"no"', "'no'"])
+def test_mixed_precision_no_in_every_spelling(tmp_path, text):
+    r = resolve(write(tmp_path, "p.yaml", f"train:\n  mixed_precision: {text}\n"))
+    assert r.train.mixed_precision == "no"
+    assert resolve(write(tmp_path, "q.yaml", "{}\n"), [f"train.mixed_precision={text}"]).train.mixed_precision == "no"
+
+
+def test_mixed_precision_unset_is_left_to_accelerate(tmp_path):
+    assert resolve(write(tmp_path, "p.yaml", "{}\n")).train.mixed_precision is None
+    with pytest.raises(RecipeError, match="choose one of"):
+        resolve(write(tmp_path, "y.yaml", "train:\n  mixed_precision: yes\n"))

@@ -237,3 +237,50 @@ def test_student_preset_of_another_width_than_the_teacher_is_refused(tiny_teache
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "(384 wide, 12 heads) cannot be initialised from the teacher (32 wide" in last
+
+
+@pytest.fixture
+def fresh_accelerate():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("recipe_sets,launcher,expected", [(None, "bf16", "bf16"), ("no", "bf16", "no"),
+                                                           (None, None, "no"), ("bf16", None, "bf16")])
+def test_precision_comes_from_accelerate_unless_the_recipe_sets_it(tiny_teacher_dir, tmp_path, monkeypatch, caplog,
+                                                                   fresh_accelerate, recipe_sets, launcher, expected):
+    if launcher:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)  # what `accelerate launch --mixed_precision` sets
+    else:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    seen = []
+    real = step_mod.DistillationModel.forward
+
+    def spying(self, *a, **k):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(step_mod.DistillationModel, "forward", spying)
+    extra = [] if recipe_sets is None else [f"train.mixed_precision={recipe_sets}"]
+    out = tmp_path / "p"
+    train_mod.train(recipe(tiny_teacher_dir, out, "train.max_steps=1", *extra))
+    assert seen and set(seen) == {torch.bfloat16 if expected == "bf16" else torch.float32}
+    import yaml
+
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["mixed_precision"] == expected
+    overridden = [r for r in caplog.records if "overrides Accelerate's" in r.getMessage()]
+    assert len(overridden) == (1 if recipe_sets == "no" and launcher == "bf16" else 0)
+
+
+def test_accelerate_launch_precision_flag_is_used(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "launched"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "bf16", "--dynamo_backend", "no", "distill/run.py", str(TINY),
+              f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=1"]
+    proc = subprocess.run(launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed_precision: bf16" in (out / "recipe.yaml").read_text()
