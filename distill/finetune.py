@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                 history.append(record)
                 accelerator.log(record, step=step)
                 metrics_file.write(record)
-                bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}")
+                bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}",
+                          file=sys.stderr)
                 if val[cfg.metric] > best:
                     best, best_step, bad_evals = val[cfg.metric], step, 0
                     if accelerator.is_main_process:

@@ -3,6 +3,8 @@
     --print       print the resolved recipe (extends + overrides applied) and exit
     --adapt-only  adapt (or reuse the cached adaptation of) the recipe's teacher, print its report, exit
     --overwrite   start over in an output_dir that holds another (e.g. finished) run, removing its files
+    --verbose     the libraries' INFO logs and progress bars too (transformers, datasets, accelerate)
+Messages and progress go to stderr; stdout carries only the final JSON summary.
 Recipes of kind `distill` run the distiller (distill.train.train); kind `finetune` fine-tunes and
 evaluates a classifier (distill.finetune.finetune). Bad input ends with one line on stderr and exit 2.
 """
@@ -26,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", dest="print_recipe", help="print the resolved recipe and exit")
     parser.add_argument("--adapt-only", action="store_true",
                         help="adapt the recipe's teacher (teacher.adapt), print the report and exit")
+    parser.add_argument("--verbose", action="store_true", help="the libraries' INFO logs and progress bars too")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run already in output_dir (default: resume it, or refuse)")
     args = parser.parse_intermixed_args(argv)  # flags may sit between the recipe and its overrides
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.raiseExceptions = False  # a library's malformed log call must not print a traceback
+    configure_logging(args.verbose)
 
     from distill.recipes import RecipeError, resolve
 
@@ -62,6 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(json.dumps(summary, default=str))
     return 0
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our INFO lines on stderr; the libraries' only from WARNING up, unless --verbose."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.raiseExceptions = False  # a library's malformed log call must not print a traceback
+    if verbose:
+        return
+    for name in ("accelerate", "datasets", "transformers", "torch", "filelock", "urllib3", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+    datasets.logging.set_verbosity_warning()
 
 
 def fail(e: BaseException) -> int:

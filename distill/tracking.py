@@ -59,7 +59,7 @@ def start(accelerator: Accelerator, cfg: TrackingConfig, run_dir: Path, config: 
     if accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
         run_id = run.id
-        if mode == "offline":
+        if mode == "offline" and not os.environ.get("WANDB_MODE"):  # offline by our choice, not the user's
             logger.warning("wandb is offline (no API key found); sync later with: wandb sync %s/wandb/latest-run",
                            run_dir)
     return run_id

@@ -483,7 +483,7 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
                               **{f"eval/teacher_{k}": v for k, v in teacher_eval.items()}}
                     accelerator.log(record, step=step)
                     metrics.write(record)
-                    bar.write(f"step {step}: student {student_eval} teacher {teacher_eval}")
+                    bar.write(f"step {step}: student {student_eval} teacher {teacher_eval}", file=sys.stderr)
                 accelerator.wait_for_everyone()
             stop_now = accelerator.reduce(torch.tensor(float(stop.signum > 0), device=accelerator.device), "sum") > 0
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:

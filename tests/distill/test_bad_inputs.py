@@ -90,9 +90,11 @@ def run_dir_with(kind: str):
     def setup(tmp, teacher):
         out = tmp / "run"
         out.mkdir()
-        base = resolve(TINY, [f"teacher.name_or_path={teacher}", f"output_dir={out}"])
+        # as a run writes it: the precision resolved (Accelerate's "no" on this CPU)
+        base = resolve(TINY, [f"teacher.name_or_path={teacher}", f"output_dir={out}", "train.mixed_precision=no"])
         if kind == "other-recipe":
-            other = resolve(TINY, [f"teacher.name_or_path={teacher}", f"output_dir={out}", "train.lr=0.1"])
+            other = resolve(TINY, [f"teacher.name_or_path={teacher}", f"output_dir={out}", "train.lr=0.1",
+                                   "train.mixed_precision=no"])
             (out / "recipe.yaml").write_text(other.to_yaml())
             (out / "metrics.jsonl").write_text('{"step": 1, "loss/total": 1.0}\n')
         elif kind == "finished":

@@ -47,8 +47,11 @@ def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, 
            f"output_dir={out}", "train.max_steps=4", "train.peak_tflops=0.5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    (line,) = proc.stdout.strip().splitlines()  # stdout: the summary only; messages and bars go to stderr
+    summary = json.loads(line)
     assert summary["step"] == 4 and 0 <= summary["student"]["mlm_accuracy"] <= 1
+    assert "step 3: student" in proc.stderr  # the evaluation line
+    assert "INFO accelerate" not in proc.stderr and "Loading weights" not in proc.stderr  # library chatter off
     export = out / "student"
     model = transformers.AutoModelForMaskedLM.from_pretrained(export)
     assert isinstance(model, transformers.DistilBertForMaskedLM) and model.config.n_layers == 2
@@ -284,3 +287,31 @@ def test_accelerate_launch_precision_flag_is_used(tiny_teacher_dir, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed_precision: bf16" in (out / "recipe.yaml").read_text()
+
+
+def test_the_offline_hint_only_when_offline_was_our_choice(tmp_path, monkeypatch, caplog):
+    from distill import tracking
+    from distill.recipes import TrackingConfig
+
+    class Run:
+        id = "abc"
+
+    class FakeAccelerator:
+        log_with = ["wandb"]
+        is_main_process = True
+
+        def init_trackers(self, *a, **k):
+            self.kwargs = k
+
+        def get_tracker(self, *a, **k):
+            return Run()
+
+    monkeypatch.setattr(tracking, "wandb_logged_in", lambda: False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracking.start(FakeAccelerator(), TrackingConfig(), tmp_path, {}, None)
+    assert not [r for r in caplog.records if "no API key" in r.getMessage()]
+    monkeypatch.delenv("WANDB_MODE")
+    fake = FakeAccelerator()
+    tracking.start(fake, TrackingConfig(), tmp_path, {}, None)
+    assert fake.kwargs["init_kwargs"]["wandb"]["mode"] == "offline"
+    assert len([r for r in caplog.records if "no API key" in r.getMessage()]) == 1
