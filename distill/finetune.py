@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -49,8 +50,9 @@ def load_classifier(name_or_path: str, label_names: list[str]) -> torch.nn.Modul
 
 
 def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
-    """Fine-tune `recipe.model` on `recipe.task`; writes recipe.yaml, metrics.jsonl, best/ and results.json
-    under recipe.output_dir and returns the test accuracy / macro-F1 of the best model."""
+    """Fine-tune `recipe.model` on `recipe.task`; writes recipe.yaml, metrics.jsonl, results.json and the
+    best model (a transformers directory with its tokenizer) into recipe.output_dir, and returns the test
+    accuracy / macro-F1 of the best model."""
     cfg = recipe.train
     run_dir = Path(recipe.output_dir)
     accelerator = make_accelerator(cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
@@ -61,7 +63,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
-    data = load_classification(recipe.task)
+    data = load_classification(recipe.task, seed=cfg.seed)
     logger.info("task %s: %s", recipe.task.source, data.stats)
     tokenizer = get_tokenizer(recipe.tokenizer or str(resolve_model_dir(recipe.model)))
     model = load_classifier(recipe.model, data.label_names)
@@ -83,7 +85,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     raw = accelerator.unwrap_model(model)
 
     best, best_step, bad_evals, history = -math.inf, 0, 0, []
-    best_dir = run_dir / "best"
+    best_dir = run_dir / ".best"  # the best model so far; moved into run_dir at the end
     step, t0, stop = 0, time.perf_counter(), False
     bar = tqdm(total=steps, desc="finetune", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for epoch in range(cfg.epochs):
@@ -123,7 +125,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                 if val[cfg.metric] > best:
                     best, best_step, bad_evals = val[cfg.metric], step, 0
                     if accelerator.is_main_process:
-                        tmp = best_dir.with_name("best.tmp")
+                        tmp = best_dir.with_name(".best.tmp")
                         shutil.rmtree(tmp, ignore_errors=True)
                         raw.save_pretrained(tmp)
                         tokenizer.save_pretrained(tmp)
@@ -148,7 +150,16 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                "validation": val, "test": test, "data": data.stats, "history": history,
                "task_distillation_teacher": recipe.distill.teacher}
     if accelerator.is_main_process:
+        publish(best_dir, run_dir)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     accelerator.end_training()
     return {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "best_step": best_step,
-            "export": str(best_dir)}
+            "export": str(run_dir)}
+
+
+def publish(best_dir: Path, run_dir: Path) -> None:
+    """Move the best model's files into the run directory (each file replaced atomically), so
+    `from_pretrained(output_dir)` loads it; the working copy goes."""
+    for f in sorted(best_dir.iterdir()):
+        os.replace(f, run_dir / f.name)
+    best_dir.rmdir()

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             from distill.finetune import load_classifier
 
             res = json.loads((run / "results.json").read_text())
-            model = load_classifier(str(run / "best"), res["label_names"]).eval()
+            best = run / "best" if (run / "best").is_dir() else run  # (runs of earlier versions kept best/)
+            model = load_classifier(str(best), res["label_names"]).eval()
             clf[name] = (res, model)
     timed = {name: (lambda i, m, model=clf[name][1]: model(i, attention_mask=m)) if name in clf
              else (lambda i, m, e=enc[name][0]: e(i, m)) for name in ("teacher", "student")}

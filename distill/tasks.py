@@ -67,13 +67,47 @@ def _carve_validation(train: datasets.Dataset, text_field: str) -> tuple[dataset
     return bucket.filter(lambda ex: ex["_b"] >= 5), bucket.filter(lambda ex: ex["_b"] < 5)
 
 
-def load_classification(cfg: TaskConfig) -> ClassificationData:
-    """train/validation/test with columns text, [text_pair], label, and the label names."""
+def load_classification(cfg: TaskConfig, seed: int = 0) -> ClassificationData:
+    """train/validation/test with columns text, [text_pair], label, and the label names. With
+    `max_train_examples`, train is a seeded stratified subset (every class in its share, at least one)."""
     data = _load_classification(cfg)
     if cfg.max_train_examples is not None and len(data.splits["train"]) > cfg.max_train_examples:
-        data.splits["train"] = data.splits["train"].select(range(cfg.max_train_examples))
+        keep = stratified_indices(data.splits["train"]["label"], cfg.max_train_examples, seed)
+        data.splits["train"] = data.splits["train"].select(keep)
         data.stats = _stats(data.splits, data.label_names)
     return data
+
+
+def stratified_indices(labels: list[int], n: int, seed: int) -> list[int]:
+    """`n` indices drawn per class in proportion to its frequency (largest remainders; every class gets at
+    least one while n allows), shuffled within the class by `seed`; returned in their original order."""
+    by_class: dict[int, list[int]] = collections.defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    classes = sorted(by_class)
+    total = len(labels)
+    exact = {c: n * len(by_class[c]) / total for c in classes}
+    take = {c: int(exact[c]) for c in classes}
+    if n >= len(classes):
+        for c in classes:
+            take[c] = max(take[c], 1)
+    spare = n - sum(take.values())
+    for c in sorted(classes, key=lambda c: (take[c] - exact[c], c)):  # largest remainders first
+        if spare <= 0:
+            break
+        if take[c] < len(by_class[c]):
+            take[c] += 1
+            spare -= 1
+    while sum(take.values()) > n:  # the minimum of one per class overshot: trim the largest classes
+        c = max(classes, key=lambda c: (take[c], -c))
+        take[c] -= 1
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in classes:
+        members = by_class[c]
+        order = torch.randperm(len(members), generator=gen).tolist()
+        chosen += [members[j] for j in order[: take[c]]]
+    return sorted(chosen)
 
 
 def _load_classification(cfg: TaskConfig) -> ClassificationData:

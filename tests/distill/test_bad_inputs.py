@@ -9,10 +9,15 @@ are in test_rundir.py and test_train.py (they need real processes).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,3 +344,39 @@ def test_bad_input(case, tiny_teacher_dir, tmp_path, monkeypatch, capsys, fresh_
     changed = [k for k in before if after.get(k) != before[k]]
     assert not changed, f"files changed: {changed}"
     assert snapshot(Path(tiny_teacher_dir)) == teacher_before
+
+
+# ----------------------------------------------------------------------------------------- signals
+def _cli(tiny_teacher_dir, out, *extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
+           f"output_dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_is_one_line(tiny_teacher_dir, tmp_path):
+    proc = _cli(tiny_teacher_dir, tmp_path / "run")
+    time.sleep(1.0)  # importing the libraries, resolving, tokenizing: not yet training
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
+    assert not (tmp_path / "run" / ".lock").exists() and out == ""
+
+
+@pytest.mark.slow
+def test_sigterm_while_training_saves_then_exits(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(tiny_teacher_dir, out, "train.max_steps=100000", "train.save_every=100000", "train.log_every=1")
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and "loss/total" in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert "checkpoint saved at step" in err
+    (ckpt,) = (out / "checkpoints").glob("step-*")
+    assert (ckpt / "manifest.json").exists() and not (out / ".lock").exists()

@@ -48,14 +48,17 @@ def test_finetune_recipe_end_to_end(tiny_student, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["test"]["accuracy"] <= 1 and len(results["test"]["confusion_matrix"]) == 11
     assert results["best_step"] in [h["step"] for h in results["history"]]
-    clf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "best")
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(out)  # the best model, at output_dir
     assert clf.config.num_labels == 11 and clf.config.id2label[0] == results["label_names"][0]
+    assert not (out / ".best").exists() and json.loads(proc.stdout)["export"] == str(out)
+    # the 96 training examples are a stratified subset: every one of the 11 topics is in it
+    assert len(results["data"]["train"]["class_counts"]) == 11 and results["data"]["train"]["examples"] == 96
 
 
 def test_task_distillation_recipe_resolves(tmp_path):
-    r = resolve(ROOT / "recipes/finetune/wiki-topics.yaml", ["distill.teacher=runs/teacher-ft/best",
+    r = resolve(ROOT / "recipes/finetune/wiki-topics.yaml", ["distill.teacher=runs/teacher-ft",
                                                                "task.splits={train: a.jsonl, test: b.jsonl}"])
-    assert r.kind == "finetune" and r.distill.teacher == "runs/teacher-ft/best"
+    assert r.kind == "finetune" and r.distill.teacher == "runs/teacher-ft"
     assert r.task.splits == {"train": "a.jsonl", "test": "b.jsonl"}
     assert Path(ROOT / "recipes/finetune/sst2.yaml").exists()
 
@@ -68,8 +71,25 @@ def test_task_specific_distillation_from_a_finetuned_teacher(tiny_teacher_dir, t
     finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml",
                      [f"model={tiny_teacher_dir}", f"output_dir={tmp_path / 't'}", *common]))
     summary = finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml", [
-        f"model={tiny_student}", f"output_dir={tmp_path / 's'}", f"distill.teacher={tmp_path / 't' / 'best'}",
+        f"model={tiny_student}", f"output_dir={tmp_path / 's'}", f"distill.teacher={tmp_path / 't'}",
         "distill.alpha_ce=0.7", "distill.alpha_task=0.3", *common]))
     results = json.loads((tmp_path / "s" / "results.json").read_text())
-    assert results["task_distillation_teacher"] == str(tmp_path / "t" / "best")
+    assert results["task_distillation_teacher"] == str(tmp_path / "t")
     assert 0 <= summary["test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("n", [5, 11, 40, 200])
+def test_stratified_subset_keeps_every_class_and_the_proportions(n):
+    from collections import Counter
+
+    from distill.tasks import stratified_indices
+
+    labels = [0] * 500 + [1] * 300 + [2] * 150 + [3] * 40 + [4] * 10
+    keep = stratified_indices(labels, n, seed=3)
+    assert len(keep) == n == len(set(keep)) and keep == sorted(keep)
+    got = Counter(labels[i] for i in keep)
+    if n >= 5:
+        assert set(got) == {0, 1, 2, 3, 4}
+    for c, size in Counter(labels).items():
+        assert abs(got[c] - n * size / len(labels)) <= 1.0 + (n < 20)
+    assert stratified_indices(labels, n, seed=3) == keep and stratified_indices(labels, n, seed=4) != keep
