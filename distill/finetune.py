@@ -26,7 +26,7 @@ import transformers
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from distill import tracking
+from distill import hub, tracking
 from distill.losses import soft_target_loss
 from distill.metrics import compute_classification_loss, evaluate_classification_metrics
 from distill.recipes import FinetuneRecipe
@@ -57,6 +57,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     run_dir = Path(recipe.output_dir)
     accelerator = make_accelerator(cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
     check_precision(cfg.mixed_precision, accelerator.device)
+    hub.check_push(recipe.hub)
     share_cpu_cores(accelerator)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
@@ -127,8 +128,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                     if accelerator.is_main_process:
                         tmp = best_dir.with_name(".best.tmp")
                         shutil.rmtree(tmp, ignore_errors=True)
-                        raw.save_pretrained(tmp)
-                        tokenizer.save_pretrained(tmp)
+                        hub.save_model(raw, tokenizer, tmp)
                         shutil.rmtree(best_dir, ignore_errors=True)
                         tmp.rename(best_dir)
                 else:
@@ -152,6 +152,8 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     if accelerator.is_main_process:
         publish(best_dir, run_dir)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        hub.write_card(run_dir, hub.finetuned_card(recipe, data.label_names, results))
+        hub.push(run_dir, recipe.hub, f"fine-tuned on {recipe.task.source}, test accuracy {test['accuracy']:.4f}")
     accelerator.end_training()
     return {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "best_step": best_step,
             "export": str(run_dir)}

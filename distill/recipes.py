@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,6 +203,21 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)
 
 
+@dataclass(kw_only=True)
+class HubConfig:
+    """The export on the Hugging Face Hub: uploaded at the end of the run when push_to_hub is true."""
+
+    push_to_hub: bool = False
+    repo_id: str | None = None  # "owner/name"
+    private: bool = True
+    license: str | None = None  # the model card's licence (e.g. apache-2.0); unset: "other"
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub:
+            require(bool(self.repo_id) and re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id or "") is not None,
+                    "hub.repo_id", "must be 'owner/name' when hub.push_to_hub is true")
+
+
 class _RecipeBase:
     kind: ClassVar[str]
 
@@ -225,6 +241,7 @@ class Recipe(_RecipeBase):
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     kind: ClassVar[str] = "distill"
 
@@ -291,6 +308,7 @@ class FinetuneRecipe(_RecipeBase):
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     distill: TaskDistillConfig = field(default_factory=TaskDistillConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(tags=["finetune"]))
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 

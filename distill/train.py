@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill import checkpoint, rundir, tracking
+from distill import checkpoint, hub, rundir, tracking
 from distill.data import (
     GlobalBatchSampler,
     StreamingBatches,
@@ -60,7 +60,8 @@ RESUMABLE_CHANGES = ("train.max_steps", "teacher.adapt.save_every",
                      "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.",
                      "train.compile", "train.loss_kernel", "train.peak_tflops",
                      "train.compile_loss",  # (recorded by runs of earlier versions)
-                     "output_dir")  # a moved or copied run directory resumes
+                     "output_dir",  # a moved or copied run directory resumes
+                     "hub.")
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -200,6 +201,7 @@ def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> No
     cfg, scfg = recipe.train, recipe.student
     check_precision(cfg.mixed_precision, device)
     check_files(recipe.data)
+    hub.check_push(recipe.hub)
     if cfg.batch_size % world:
         raise RecipeError(f"train.batch_size={cfg.batch_size} must be a multiple of the {world} processes")
     tconf = teacher_config(recipe.teacher.name_or_path)
@@ -496,8 +498,11 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
         bar.close()
         export = run_dir / "student"
         if accelerator.is_main_process:
-            raw_student.save_pretrained(export)
-            tokenizer.save_pretrained(export)
+            hub.save_model(raw_student, tokenizer, export)
+            card = hub.distilled_card(recipe, raw_student, recipe.teacher.name_or_path, corpus.stats, step,
+                                      state["tokens"], student_eval, teacher_eval)
+            hub.write_card(export, card)
+            hub.push(export, recipe.hub, f"distilled student, step {step}")
         accelerator.wait_for_everyone()
     finally:
         bar.close()

@@ -51,6 +51,8 @@ def test_finetune_recipe_end_to_end(tiny_student, tmp_path):
     clf = transformers.AutoModelForSequenceClassification.from_pretrained(out)  # the best model, at output_dir
     assert clf.config.num_labels == 11 and clf.config.id2label[0] == results["label_names"][0]
     assert not (out / ".best").exists() and json.loads(proc.stdout)["export"] == str(out)
+    card = (out / "README.md").read_text()  # the model card, with the run's test numbers
+    assert "pipeline_tag: text-classification" in card and f"{100 * results['test']['accuracy']:.1f} %" in card
     # the 96 training examples are a stratified subset: every one of the 11 topics is in it
     assert len(results["data"]["train"]["class_counts"]) == 11 and results["data"]["train"]["examples"] == 96
 
