@@ -4,33 +4,24 @@
         --distill-run runs/wiki --teacher-finetune runs/finetune/teacher --student-finetune runs/finetune/student \\
         [--ablation NAME=DISTILL_RUN,FINETUNE_RUN ...] --output runs/report
 
-Measures, in this process: parameters, size on disk, CPU inference latency (batch 1 and 32, sequence 128,
-medians of interleaved rounds), held-out masked-LM accuracy on the distillation run's validation blocks
-(same masks for both); and reads the fine-tuning runs' results.json for downstream accuracy / macro-F1.
+Measures, in this process: parameters, size on disk, inference latency of the encoders (batch 1 and 32,
+sequence 128; `torch.utils.benchmark`, median and interquartile range over interleaved rounds; teacher and
+student both run through the kit's DistilBERT implementation, the teacher converted layer by layer, so the
+difference is the architecture, not the code), held-out masked-LM accuracy on the distillation run's
+validation blocks (same masks for both); and reads the fine-tuning runs' results.json for downstream
+accuracy / macro-F1.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import statistics
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def disk_mb(directory: Path) -> float:
@@ -51,28 +42,42 @@ def encoder(directory: Path):
     return (lambda i, a: t(i, a).last_hidden_state), t.predict_tokens, t.model
 
 
-def latency(models: dict[str, Any], batches: list[int], repeats: int,
-            device: torch.device | str = "cpu") -> dict[str, dict[int, float]]:
-    """Median ms per forward (encoder + classifier or MLM encoder), interleaved across models. On a GPU each
-    forward is timed up to the end of its kernels."""
-    device = torch.device(device)
-    out: dict[str, dict[int, float]] = {name: {} for name in models}
-    if device.type == "cuda":
-        def synced(fn):
-            return lambda i, a: (fn(i, a), torch.cuda.synchronize())
+@dataclass
+class Latency:
+    """Milliseconds per forward: median and interquartile range of `torch.utils.benchmark` blocks."""
 
-        models = {name: synced(fn) for name, fn in models.items()}
+    median: float
+    iqr: float
+    blocks: int
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} (IQR {self.iqr:.2g})"
+
+
+def latency(models: dict[str, Any], batches: list[int], repeats: int, device: torch.device | str = "cpu",
+            seq_len: int = 128) -> dict[str, dict[int, Latency]]:
+    """Per model and batch size, `repeats` interleaved rounds of `Timer.blocked_autorange` (each round a
+    block-timed measurement, CUDA synchronised by the timer); the blocks of all rounds are pooled into one
+    median and IQR, so drift over time affects every model alike."""
+    from torch.utils import benchmark
+
+    device = torch.device(device)
+    out: dict[str, dict[int, Latency]] = {name: {} for name in models}
     for B in batches:
-        ids = torch.randint(1000, 30000, (B, 128), device=device)
+        ids = torch.randint(1000, 30000, (B, seq_len), device=device)
         mask = torch.ones_like(ids)
-        reps = repeats if B == 1 else max(3, repeats // 4)
-        rounds: dict[str, list[float]] = {name: [] for name in models}
+        times: dict[str, list[float]] = {name: [] for name in models}
         with torch.inference_mode():
-            for _ in range(3):
+            for fn in models.values():
+                fn(ids, mask)  # warm-up
+            for _ in range(max(1, repeats // 4 if B > 1 else repeats // 2)):
                 for name, fn in models.items():
-                    rounds[name].append(median_ms(functools.partial(fn, ids, mask), reps))
-        for name in models:
-            out[name][B] = statistics.median(rounds[name])
+                    timer = benchmark.Timer(stmt="fn(ids, mask)", globals={"fn": fn, "ids": ids, "mask": mask},
+                                            num_threads=torch.get_num_threads())
+                    times[name] += timer.blocked_autorange(min_run_time=0.05).times
+        for name, t in times.items():
+            q = torch.tensor(t, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+            out[name][B] = Latency(median=1e3 * q[1].item(), iqr=1e3 * (q[2] - q[0]).item(), blocks=len(t))
     return out
 
 
@@ -100,7 +105,7 @@ def plot_curves(distill_run: Path, out: Path) -> str:
     rows = [json.loads(x) for x in (distill_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss/total" in r]
     evals = [r for r in rows if "eval/student_mlm_accuracy" in r]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     for key in ("total", "ce", "mlm", "cos"):
         pts = [(r["step"], r[f"loss/{key}"]) for r in train if f"loss/{key}" in r]
         if pts:
@@ -112,6 +117,22 @@ def plot_curves(distill_run: Path, out: Path) -> str:
         b.axhline(evals[-1]["eval/teacher_mlm_accuracy"], color="k", ls="--", label="teacher")
     b.set(xlabel="step", ylabel="held-out masked-token accuracy", title="validation")
     b.legend()
+    speed = [r for r in train if "tokens_per_s" in r]
+    if speed:
+        steps = [r["step"] for r in speed]
+        c.plot(steps, [r["tokens_per_s"] for r in speed], color="tab:blue", label="tokens/s")
+        c.set(xlabel="step", ylabel="tokens/s", title="learning rate, throughput, MFU")
+        lr = c.twinx()
+        lr.plot(steps, [r["lr"] for r in speed], color="tab:orange", label="learning rate")
+        lr.set_ylabel("learning rate")
+        lines = c.get_lines() + lr.get_lines()
+        if any("mfu" in r for r in speed):
+            mfu = c.twinx()
+            mfu.spines["right"].set_position(("axes", 1.18))
+            mfu.plot(steps, [100 * r.get("mfu", float("nan")) for r in speed], color="tab:green", label="MFU %")
+            mfu.set_ylabel("MFU (%)")
+            lines += mfu.get_lines()
+        c.legend(lines, [x.get_label() for x in lines], loc="lower right")
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=110)
@@ -127,15 +148,18 @@ def plot_confusion(results: dict, title: str, out: Path, name: str) -> str:
 
     cm = torch.tensor(results["test"]["confusion_matrix"], dtype=torch.float64)
     norm = cm / cm.sum(1, keepdim=True).clamp(min=1)
-    labels = [n[:18] for n in results["label_names"]]
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    labels = list(results["label_names"])  # full names: the figure grows with them
+    width = max(len(n) for n in labels)
+    side = 4 + 0.45 * len(labels) + 0.07 * width
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=9)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
     for i in range(len(labels)):
         for j in range(len(labels)):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=f"{title}: test accuracy {results['test']['accuracy']:.3f}")
     fig.tight_layout()
@@ -175,9 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             best = run / "best" if (run / "best").is_dir() else run  # (runs of earlier versions kept best/)
             model = load_classifier(str(best), res["label_names"]).eval()
             clf[name] = (res, model)
-    timed = {name: (lambda i, m, model=clf[name][1]: model(i, attention_mask=m)) if name in clf
-             else (lambda i, m, e=enc[name][0]: e(i, m)) for name in ("teacher", "student")}
-    lat = latency(timed, [1, 32], args.repeats)
+    lat = latency({name: enc[name][0] for name in ("teacher", "student")}, [1, 32], args.repeats)
     steps.update()
     mlm = held_out_mlm(args.distill_run, {k: (v[0], v[1]) for k, v in enc.items()}) if args.distill_run else {}
     steps.update()
@@ -207,10 +229,10 @@ def main(argv: list[str] | None = None) -> None:
          f"{params['student'] / params['teacher']:.1%}"),
         ("size on disk (MB)", f"{size['teacher']:.1f}", f"{size['student']:.1f}",
          f"{size['student'] / size['teacher']:.1%}"),
-        ("CPU latency, batch 1 x 128 (ms, median)", f"{lat['teacher'][1]:.1f}", f"{lat['student'][1]:.1f}",
-         f"{lat['teacher'][1] / lat['student'][1]:.2f}x faster"),
-        ("CPU latency, batch 32 x 128 (ms, median)", f"{lat['teacher'][32]:.0f}", f"{lat['student'][32]:.0f}",
-         f"{lat['teacher'][32] / lat['student'][32]:.2f}x faster"),
+        ("CPU latency, batch 1 x 128 (ms, median (IQR))", str(lat["teacher"][1]), str(lat["student"][1]),
+         f"{lat['teacher'][1].median / lat['student'][1].median:.2f}x faster"),
+        ("CPU latency, batch 32 x 128 (ms, median (IQR))", str(lat["teacher"][32]), str(lat["student"][32]),
+         f"{lat['teacher'][32].median / lat['student'][32].median:.2f}x faster"),
     ]
     if mlm:
         rows.append(("held-out masked-token accuracy", f"{mlm['teacher']['mlm_accuracy']:.4f}",
@@ -219,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     rows += [("downstream test accuracy", cell("teacher", "accuracy"), cell("student", "accuracy"), share("acc")),
              ("downstream test macro-F1", cell("teacher", "macro_f1"), cell("student", "macro_f1"), share("f1"))]
     lines = ["# Teacher vs student", "", f"teacher: `{args.teacher}`  ", f"student: `{args.student}`  ",
-             f"threads: {torch.get_num_threads()}, torch {torch.__version__}", "",
+             f"threads: {torch.get_num_threads()}, torch {torch.__version__}; latency: encoder forward, both models "
+             "through the kit's DistilBERT implementation, torch.utils.benchmark blocks", "",
              "| | teacher | student | student / teacher |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     if args.ablation:
@@ -235,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"{res['test']['macro_f1']:.4f} |")
     lines += [""] + [f"![{f}]({f})" for f in figures]
     (args.output / "report.md").write_text("\n".join(lines) + "\n")
-    summary = {"parameters": params, "disk_mb": size, "latency_ms": lat, "mlm": mlm,
+    summary = {"parameters": params, "disk_mb": size,
+               "latency_ms": {k: {b: vars(x) for b, x in v.items()} for k, v in lat.items()}, "mlm": mlm,
                "downstream": {k: {"accuracy": v[0]["test"]["accuracy"], "macro_f1": v[0]["test"]["macro_f1"]}
                               for k, v in clf.items()}}
     (args.output / "report.json").write_text(json.dumps(summary, indent=2))

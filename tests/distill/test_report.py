@@ -28,6 +28,8 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path):
         assert row in md
     summary = json.loads((out / "report.json").read_text())
     assert summary["parameters"]["student"] < summary["parameters"]["teacher"]
-    assert all(v > 0 for v in summary["latency_ms"]["student"].values())
+    lat = summary["latency_ms"]["student"]
+    assert set(lat) == {"1", "32"} and all(v["median"] > 0 and v["iqr"] >= 0 and v["blocks"] >= 2 for v in lat.values())
+    assert "median (IQR)" in md
     for png in ("training_curves.png", "confusion_student.png", "confusion_teacher.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
