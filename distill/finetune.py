@@ -80,7 +80,8 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * steps), steps)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), None)
+    tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), None,
+                   group=tracking.group_of(recipe.tracking, run_dir, recipe.model), job_type="finetune")
     metrics_file = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
     eval_every = cfg.eval_every or len(train_dl)
     raw = accelerator.unwrap_model(model)
@@ -149,11 +150,23 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                "best_step": best_step, "steps": step, "early_stopped": stop, "train_seconds": round(train_seconds, 1),
                "validation": val, "test": test, "data": data.stats, "history": history,
                "task_distillation_teacher": recipe.distill.teacher}
+    accelerator.log({"test/accuracy": test["accuracy"], "test/macro_f1": test["macro_f1"], "test/loss": test["loss"]},
+                    step=step)
+    if tracking.run_of(accelerator) is not None:
+        from distill.report import plot_confusion
+
+        figure = run_dir / plot_confusion(results, "test", run_dir, "test")
+        tracking.log_classification(accelerator, data.label_names, test, "test", figure)
+    tracking.log_summary(accelerator, {"test": {k: test[k] for k in ("accuracy", "macro_f1", "loss")},
+                                       "validation": {k: val[k] for k in ("accuracy", "macro_f1", "loss")},
+                                       "best_step": best_step})
     if accelerator.is_main_process:
         publish(best_dir, run_dir)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         hub.write_card(run_dir, hub.finetuned_card(recipe, data.label_names, results))
         hub.push(run_dir, recipe.hub, f"fine-tuned on {recipe.task.source}, test accuracy {test['accuracy']:.4f}")
+    tracking.log_model(accelerator, recipe.tracking, run_dir, f"{run_dir.name}-classifier",
+                       {"test": {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"]}})
     accelerator.end_training()
     return {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"], "best_step": best_step,
             "export": str(run_dir)}

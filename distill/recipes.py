@@ -201,6 +201,10 @@ class TrackingConfig:
     project: str = "distilbert-kit"
     run_name: str | None = None
     tags: list[str] = field(default_factory=list)
+    # wandb group: a distillation and its fine-tunes share one. Default: the distillation's run directory
+    # name (fine-tunes of runs/<name>/student or runs/<name>/teacher find it from that path)
+    group: str | None = None
+    log_model: bool = False  # upload the export (student / best classifier) as a wandb artifact
 
 
 @dataclass(kw_only=True)

@@ -169,6 +169,22 @@ def plot_confusion(results: dict, title: str, out: Path, name: str) -> str:
     return path.name
 
 
+def log_to_wandb(project: str, distill_run: Path | None, output: Path, rows: list[tuple], figures: list[str],
+                 summary: dict) -> None:
+    """The report as a wandb run: the table, the figures as images, the numbers in the summary."""
+    import wandb
+
+    from distill.tracking import _flatten, wandb_mode
+
+    group = distill_run.name if distill_run else None
+    run = wandb.init(project=project, job_type="report", group=group, name=f"report-{group or output.name}",
+                     mode=wandb_mode(), dir=str(output))
+    table = wandb.Table(columns=["", "teacher", "student", "student / teacher"], data=[list(r) for r in rows])
+    run.log({"report/table": table, **{f"report/{Path(f).stem}": wandb.Image(str(output / f)) for f in figures}})
+    run.summary.update(_flatten(summary))
+    run.finish()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", type=Path, required=True, help="teacher MLM directory")
@@ -179,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ablation", action="append", default=[], help="NAME=DISTILL_RUN,FINETUNE_RUN")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--wandb", metavar="PROJECT", help="also log the table and figures to a wandb run (job_type "
+                   "report, grouped with the distillation run); WANDB_MODE decides online/offline")
     args = p.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     for path in (args.teacher, args.student):
@@ -263,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                "downstream": {k: {"accuracy": v[0]["test"]["accuracy"], "macro_f1": v[0]["test"]["macro_f1"]}
                               for k, v in clf.items()}}
     (args.output / "report.json").write_text(json.dumps(summary, indent=2))
+    if args.wandb:
+        log_to_wandb(args.wandb, args.distill_run, args.output, rows, figures, summary)
     print("\n".join(lines))
 
 

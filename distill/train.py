@@ -433,6 +433,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
         teacher_eval = evaluate_mlm(teacher.predict_tokens, lambda i, m: teacher(i, m).last_hidden_state, val,
                                     eval_collator, accelerator.device)
         logger.info("teacher held-out MLM: %s", teacher_eval)
+        accelerator.log({f"teacher/{k}": v for k, v in teacher_eval.items()}, step=start_step)  # the baseline
+        tracking.log_config(accelerator, {"corpus": corpus.stats, "teacher_baseline": teacher_eval})
         if start_step == 0:
             metrics.write({"step": start_step, "teacher": teacher_eval, "corpus": corpus.stats})
 
@@ -503,6 +505,10 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
                                       state["tokens"], student_eval, teacher_eval)
             hub.write_card(export, card)
             hub.push(export, recipe.hub, f"distilled student, step {step}")
+            tracking.log_summary(accelerator, {"student": student_eval, "teacher": teacher_eval, "step": step,
+                                               "tokens": state["tokens"]})
+            tracking.log_model(accelerator, recipe.tracking, export, f"{run_dir.name}-student",
+                               {"student": student_eval, "teacher": teacher_eval, "step": step})
         accelerator.wait_for_everyone()
     finally:
         bar.close()

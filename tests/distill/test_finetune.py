@@ -95,3 +95,62 @@ def test_stratified_subset_keeps_every_class_and_the_proportions(n):
     for c, size in Counter(labels).items():
         assert abs(got[c] - n * size / len(labels)) <= 1.0 + (n < 20)
     assert stratified_indices(labels, n, seed=3) == keep and stratified_indices(labels, n, seed=4) != keep
+
+
+class FakeRun:
+    """What the trainers hand to wandb, recorded (the real wandb run is replaced; nothing is uploaded)."""
+
+    def __init__(self):
+        self.config_updates, self.summary, self.logged, self.artifacts = [], {}, [], []
+
+        class Config:
+            def update(inner, values, allow_val_change=False):
+                self.config_updates.append(values)
+
+        self.config = Config()
+
+    def log(self, payload, step=None):
+        self.logged.append(payload)
+
+    def log_artifact(self, artifact):
+        self.artifacts.append(artifact)
+
+
+def test_finetune_logs_test_tables_summary_group_and_model_to_wandb(tiny_student, tmp_path, monkeypatch):
+    import wandb
+
+    from distill import tracking
+    from distill.finetune import finetune
+
+    run = FakeRun()
+    monkeypatch.setattr(tracking, "run_of", lambda accelerator: run)
+    out = tmp_path / "ft"
+    finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml", [
+        f"model={tiny_student}", f"output_dir={out}", "task.max_train_examples=32", "task.max_length=32",
+        "train.epochs=1", "train.batch_size=16", "tracking.wandb=false", "tracking.log_model=true"]))
+    results = json.loads((out / "results.json").read_text())
+    assert run.summary["test/accuracy"] == results["test"]["accuracy"] and "best_step" in run.summary
+    (tables,) = [p for p in run.logged if "test/per_class" in p]
+    assert isinstance(tables["test/per_class"], wandb.Table) and len(tables["test/per_class"].data) == 11
+    assert tables["test/confusion_matrix"].columns == ["true", *results["label_names"]]
+    assert isinstance(tables["test/confusion_matrix_figure"], wandb.Image)
+    (artifact,) = run.artifacts
+    names = {e.path for e in artifact.manifest.entries.values()}
+    assert artifact.type == "model" and "model.safetensors" in names and "config.json" in names
+    assert not any(n.startswith("wandb") or n == "metrics.jsonl" for n in names)
+
+
+def test_wandb_group_links_a_distillation_and_its_finetunes(tmp_path):
+    from distill.recipes import TrackingConfig
+    from distill.tracking import group_of
+
+    run = tmp_path / "wiki"
+    (run / "student").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("tracking:\n  group: null\n")
+    assert group_of(TrackingConfig(), run) == "wiki"  # the distillation itself
+    assert group_of(TrackingConfig(), tmp_path / "ft", str(run / "student")) == "wiki"  # a fine-tune of its export
+    assert group_of(TrackingConfig(), tmp_path / "ft", str(run / "teacher")) == "wiki"
+    (run / "recipe.yaml").write_text("tracking:\n  group: paper-repro\n")
+    assert group_of(TrackingConfig(), tmp_path / "ft", str(run / "student")) == "paper-repro"
+    assert group_of(TrackingConfig(group="mine"), tmp_path / "ft", str(run / "student")) == "mine"
+    assert group_of(TrackingConfig(), tmp_path / "ft", "bert-base-uncased") == "ft"

@@ -315,3 +315,17 @@ def test_the_offline_hint_only_when_offline_was_our_choice(tmp_path, monkeypatch
     tracking.start(fake, TrackingConfig(), tmp_path, {}, None)
     assert fake.kwargs["init_kwargs"]["wandb"]["mode"] == "offline"
     assert len([r for r in caplog.records if "no API key" in r.getMessage()]) == 1
+
+
+def test_distillation_logs_baseline_corpus_summary_and_model_to_wandb(tiny_teacher_dir, tmp_path, monkeypatch):
+    from distill import tracking
+    from tests.distill.test_finetune import FakeRun
+
+    run = FakeRun()
+    monkeypatch.setattr(tracking, "run_of", lambda accelerator: run)
+    summary = train_mod.train(recipe(tiny_teacher_dir, tmp_path / "w", "train.max_steps=2", "tracking.log_model=true"))
+    (config,) = run.config_updates
+    assert config["corpus"]["train_sequences"] > 0 and config["teacher_baseline"] == summary["teacher"]
+    assert run.summary["student/mlm_accuracy"] == summary["student"]["mlm_accuracy"] and run.summary["step"] == 2
+    (artifact,) = run.artifacts
+    assert artifact.type == "model" and "model.safetensors" in {e.path for e in artifact.manifest.entries.values()}
