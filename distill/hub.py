@@ -27,9 +27,9 @@ KNOWN_SOURCES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def save_model(model, tokenizer, directory: Path) -> None:
-    """Weights + config (with dtype) + tokenizer (model_max_length = the model's positions)."""
+    """Weights + config (transformers' save_pretrained records the dtype) + tokenizer (model_max_length =
+    the model's positions)."""
     directory = Path(directory)
-    model.config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model.save_pretrained(directory)
     positions = model.config.max_position_embeddings
     tokenizer.model_max_length = positions

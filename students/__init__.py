@@ -1,6 +1,7 @@
 """The DistilBERT student: model, configs, initialisation from a teacher."""
 
 from students.config import PRESETS, config_from_teacher, count_parameters, create_model_config
+from students.init import default_layers, init_from_teacher
 from students.modeling import (
     GELU,
     DistilBERTForMaskedLM,
@@ -25,4 +26,6 @@ __all__ = [
     "config_from_teacher",
     "count_parameters",
     "create_model_config",
+    "default_layers",
+    "init_from_teacher",
 ]

@@ -10,17 +10,18 @@ Shapes: B batch, T sequence length, C model width (`config.dim`), nh heads, hs h
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from transformers import DistilBertConfig
+from transformers import DistilBertConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 logger = logging.getLogger(__name__)
@@ -277,9 +278,18 @@ class Transformer(nn.Module):
         self.layer = nn.ModuleList([TransformerEncoderBlock(config) for _ in range(config.n_layers)])
 
 
-class DistilBERTPreTrainedModel(nn.Module):
-    """Config holder, weight init and the Hugging Face directory format (config.json + model.safetensors)."""
+class DistilBERTPreTrainedModel(PreTrainedModel):
+    """`transformers.PreTrainedModel` with our modules and transformers' DistilBERT parameter names, so
+    `save_pretrained`, `from_pretrained` (every option), `push_to_hub`, dtype handling and the rest are the
+    library's. What we add: `from_pretrained` refuses a checkpoint that lacks encoder tensors or has
+    tensors that belong to no DistilBERT head (transformers would only log them); `save_pretrained` names
+    transformers' architecture in config.json, so tools that read it load transformers' own class; and
+    config overrides as keyword arguments (`DistilBERTForSequenceClassification(config, num_labels=3)`)."""
 
+    config_class = DistilBertConfig
+    base_model_prefix = "distilbert"
+    main_input_name = "input_ids"
+    _supports_sdpa = True  # attention is our own (SDPA); the flag lets transformers accept any config
     # Keys of this class's task head; a checkpoint of another task (or of the bare encoder) lacks them.
     head_keys: tuple[str, ...] = ()
     # Head names of every task, to tell another task's head from a genuinely unexpected tensor.
@@ -287,9 +297,14 @@ class DistilBERTPreTrainedModel(nn.Module):
     tied_keys: dict[str, str] = {}
     hf_architecture = "DistilBertModel"
 
-    def __init__(self, config: DistilBertConfig):
-        super().__init__()
-        self.config = config
+    def __init__(self, config: DistilBertConfig, **config_overrides):
+        if config_overrides:
+            config = copy.deepcopy(config)
+            for key, value in config_overrides.items():
+                if not hasattr(config, key):
+                    raise TypeError(f"{type(self).__name__}: {key!r} is not a DistilBertConfig field")
+                setattr(config, key, value)
+        super().__init__(config)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -311,11 +326,7 @@ class DistilBERTPreTrainedModel(nn.Module):
                 sinusoidal_position_table(self.config.max_position_embeddings, self.config.dim)
             )
 
-    def post_init(self) -> None:
-        self.apply(self._init_weights)
-        self.tie_weights()
-
-    def tie_weights(self) -> None:
+    def tie_weights(self, *args, **kwargs) -> None:
         """Share the tensors named in `tied_keys` (output projection = input embeddings)."""
         for dst, src in self.tied_keys.items():
             dst_mod, dst_name = self._module_and_name(dst)
@@ -326,35 +337,41 @@ class DistilBERTPreTrainedModel(nn.Module):
         path, _, name = key.rpartition(".")
         return self.get_submodule(path), name
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write config.json and model.safetensors, readable by `transformers.AutoModel*.from_pretrained`."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        config = self.config.__class__.from_dict(self.config.to_dict())
-        config.architectures = [self.hf_architecture]
-        config.save_pretrained(out)
-        # Tied tensors are stored once (safetensors refuses shared storage), as transformers does.
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in self.tied_keys}
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates files private to the user; a model directory is shared
-        tmp.replace(out / WEIGHTS_NAME)
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs):
+        """transformers' save_pretrained; config.json names transformers' class (`DistilBertForMaskedLM`...)
+        rather than ours, so any tool that reads `architectures` finds a class it has."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        for f in Path(save_directory).glob("*.safetensors"):
+            f.chmod(0o644)  # safetensors writes files private to the user; a model directory is shared
+        path = Path(save_directory) / "config.json"
+        if path.exists():
+            config = json.loads(path.read_text())
+            config["architectures"] = [self.hf_architecture]
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return out
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **config_overrides) -> DistilBERTPreTrainedModel:
-        """Load a directory (ours or transformers') or a hub name with a DistilBERT checkpoint.
-
-        A task head that the checkpoint lacks (e.g. a classifier on top of a distilled MLM student) is
-        freshly initialised and logged; the other task's head, if present, is dropped and logged. Any
-        other missing, unexpected or mis-shaped tensor is an error.
-        """
-        directory = resolve_model_dir(name_or_path)
-        config = DistilBertConfig.from_pretrained(directory, **config_overrides)
-        if config.model_type != "distilbert":
-            raise ValueError(f"{name_or_path} holds a {config.model_type!r} model, not a DistilBERT one")
-        model = cls(config)
-        model.load_hf_state_dict(read_state_dict(directory), source=str(name_or_path))
-        return model
+    def from_pretrained(cls, name_or_path: str | Path, *args, **kwargs):
+        """transformers' from_pretrained (a directory, ours or transformers', or a hub name; any of its
+        options), then the checks described in the class docstring. A task head the checkpoint lacks (a
+        classifier on a distilled MLM student) is freshly initialised and logged; another task's head is
+        dropped and logged."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        if isinstance(name_or_path, (str, Path)) and (Path(name_or_path).exists()
+                                                      or str(name_or_path).startswith((".", "/"))):
+            if not Path(name_or_path).is_dir():
+                raise FileNotFoundError(f"{name_or_path} is not a model directory")
+        model, info = super().from_pretrained(name_or_path, *args, output_loading_info=True, **kwargs)
+        if model.config.model_type != "distilbert":
+            raise ValueError(f"{name_or_path} holds a {model.config.model_type!r} model, not a DistilBERT one")
+        heads = set(cls.head_keys)
+        missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] not in heads and k not in cls.tied_keys)
+        unexpected = sorted(k for k in info["unexpected_keys"] if k.split(".")[0] not in cls.all_head_keys)
+        if missing or unexpected:
+            raise ValueError(f"{name_or_path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        if info["mismatched_keys"]:
+            raise ValueError(f"{name_or_path}: tensors of another shape: {list(info['mismatched_keys'])[:3]}")
+        return (model, info) if wants_info else model
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load a transformers-style DistilBERT state dict with the checks described in `from_pretrained`."""
@@ -409,8 +426,9 @@ class DistilBERTModel(DistilBERTPreTrainedModel):
 
     hf_architecture = "DistilBertModel"
 
-    def __init__(self, config: DistilBertConfig):
-        super().__init__(config)
+    def __init__(self, config: DistilBertConfig, **config_overrides):
+        super().__init__(config, **config_overrides)
+        config = self.config
         self.embeddings = Embeddings(config)
         self.transformer = Transformer(config)
         self.post_init()
@@ -467,10 +485,12 @@ class DistilBERTForMaskedLM(DistilBERTPreTrainedModel):
 
     head_keys = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
     tied_keys = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
+    _tied_weights_keys = tied_keys
     hf_architecture = "DistilBertForMaskedLM"
 
-    def __init__(self, config: DistilBertConfig):
-        super().__init__(config)
+    def __init__(self, config: DistilBertConfig, **config_overrides):
+        super().__init__(config, **config_overrides)
+        config = self.config
         self.distilbert = DistilBERTModel(config)
         self.vocab_transform = nn.Linear(config.dim, config.dim)
         self.activation = GELU() if config.activation == "gelu" else nn.ReLU()
@@ -513,8 +533,9 @@ class DistilBERTForSequenceClassification(DistilBERTPreTrainedModel):
     head_keys = ("pre_classifier", "classifier")
     hf_architecture = "DistilBertForSequenceClassification"
 
-    def __init__(self, config: DistilBertConfig):
-        super().__init__(config)
+    def __init__(self, config: DistilBertConfig, **config_overrides):
+        super().__init__(config, **config_overrides)
+        config = self.config
         self.num_labels = config.num_labels
         self.distilbert = DistilBERTModel(config)
         self.pre_classifier = nn.Linear(config.dim, config.dim)

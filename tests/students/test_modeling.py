@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 import transformers
@@ -150,3 +152,33 @@ def test_too_long_input_is_a_clear_error():
     model = DistilBERTModel(DistilBertConfig(**ODD))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.ones(1, 41, dtype=torch.long))
+
+
+def test_student_classes_are_transformers_pretrained_models(tmp_path):
+    import students
+
+    assert students.init_from_teacher is not None  # the seed API: importable from the package
+    config = DistilBertConfig(**ODD)
+    clf = DistilBERTForSequenceClassification(config, num_labels=5)  # config overrides, as transformers' classes
+    assert clf.classifier.out_features == 5 and clf.config.num_labels == 5 and config.num_labels == 2
+    assert isinstance(clf, transformers.PreTrainedModel) and callable(clf.push_to_hub)
+    with pytest.raises(TypeError, match="not a DistilBertConfig field"):
+        DistilBERTForSequenceClassification(config, num_lables=2)
+    mlm = DistilBERTForMaskedLM(config).to(torch.bfloat16)
+    mlm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["DistilBertForMaskedLM"] and saved["dtype"] == "bfloat16"
+    loaded = DistilBERTForMaskedLM.from_pretrained(tmp_path, dtype=torch.float32)  # the library's options
+    assert loaded.dtype == torch.float32
+    assert loaded.vocab_projector.weight is loaded.distilbert.embeddings.word_embeddings.weight
+
+
+def test_from_pretrained_refuses_foreign_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    DistilBERTForMaskedLM(DistilBertConfig(**ODD)).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["distilbert.transformer.layer.0.attention.extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        DistilBERTForMaskedLM.from_pretrained(tmp_path)
