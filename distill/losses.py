@@ -10,6 +10,8 @@ References: Hinton et al. 2015 (soft targets), Sanh et al. 2019 (DistilBERT trip
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,17 +22,44 @@ def _norm(normalizer: float | torch.Tensor | None, n: int) -> float | torch.Tens
     return max(n, 1) if normalizer is None else normalizer
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
+
+
+def divergence_rows(s: torch.Tensor, t: torch.Tensor, divergence: str = "forward_kl",
+                    beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence (n,) between p = softmax(t) (teacher) and q = softmax(s) (student), for
+    already tempered logits (autograd-friendly reference; the fused loss has the closed-form gradients):
+        forward_kl  KL(p || q) = sum p (log p - log q)              (Hinton et al.; DistilBERT)
+        reverse_kl  KL(q || p) = sum q (log q - log p)              (mode-seeking; MiniLLM, DistillKit)
+        jsd         beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q, 0 < beta < 1
+                    (TRL's generalised JSD; beta = 0.5 is the Jensen-Shannon divergence)
+        tv          1/2 sum |p - q|                                (total variation)"""
+    log_q, log_p = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    if divergence == "forward_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if divergence == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        return (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
+                + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
+    if divergence == "tv":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES}")
+
+
 def soft_target_loss(s: torch.Tensor, t: torch.Tensor, temperature: float,
-                     normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over the N given rows / normalizer.
+                     normalizer: float | torch.Tensor | None = None, divergence: str = "forward_kl",
+                     beta: float = 0.5) -> torch.Tensor:
+    """T^2 * D(softmax(t/T), softmax(s/T)), summed over the N given rows / normalizer; D is the forward
+    KL (the paper's) or another of `divergence_rows`.
 
     Rows are every non-padding token, or only the masked ones (`restrict_ce_to_mask`); the caller
-    selects them. The T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    selects them. The T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al.); it
+    is applied to every divergence alike, so their weights compare at any T.
     """
-    log_q = F.log_softmax(s.float() / temperature, dim=-1)
-    log_p = F.log_softmax(t.float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum()
-    return kl * temperature**2 / _norm(normalizer, s.size(0))
+    d = divergence_rows(s.float() / temperature, t.float() / temperature, divergence, beta)
+    return d.sum() * temperature**2 / _norm(normalizer, s.size(0))
 
 
 def mlm_loss(s: torch.Tensor, labels: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -95,12 +124,19 @@ class VocabLossWeights:
     temperature: float
     # How the per-row arithmetic over (n, V) runs: "eager" (PyTorch ops; the CPU default), "compiled"
     # (those ops fused by torch.compile; needs a C++ compiler on CPU) or "triton" (distill.kernels: two
-    # passes, gradient written in place; the CUDA default).
+    # passes, gradient written in place; the CUDA default; forward KL only).
     kernel: str = "eager"
+    divergence: str = "forward_kl"  # of the soft-target term: see divergence_rows
+    beta: float = 0.5  # the generalised JSD's mixture weight
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
             raise ValueError(f"vocabulary loss kernel {self.kernel!r} is not one of {KERNELS}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence {self.divergence!r} is not one of {DIVERGENCES}")
+        if self.kernel == "triton" and self.divergence != "forward_kl" and self.alpha_ce:
+            raise ValueError(f"the Triton vocabulary kernel computes the forward KL only; divergence "
+                             f"{self.divergence!r} needs loss_kernel eager or compiled")
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -111,25 +147,49 @@ class VocabLossWeights:
         return bool(self.alpha_ce or self.alpha_mlm or self.alpha_mse)
 
 
-def soft_target_rows(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For tempered logits s = s/T, t = t/T (n, V): per-row KL(p || q) (n,) and q - p (n, V), where
-    p = softmax(t), q = softmax(s), using KL = sum_v p_v (t_v - s_v) - lse(t) + lse(s)."""
-    p = torch.softmax(t, dim=-1)
-    kl = (p * (t - s)).sum(-1) - torch.logsumexp(t, dim=-1) + torch.logsumexp(s, dim=-1)
-    return kl, torch.softmax(s, dim=-1) - p
+def soft_target_rows(s: torch.Tensor, t: torch.Tensor, divergence: str = "forward_kl",
+                     beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tempered logits s = s/T, t = t/T (n, V): per-row D(p, q) (n,) and its gradient dD/ds (n, V),
+    p = softmax(t), q = softmax(s). With u = dD/dq, dD/ds = q (u - <q, u>) (the softmax Jacobian):
+        forward_kl  KL = sum_v p_v (t_v - s_v) - lse(t) + lse(s)        dD/ds = q - p
+        reverse_kl  KL = sum_v q_v (s_v - t_v) - lse(s) + lse(t)        u = log q - log p (+1, cancels)
+        jsd         (formula in divergence_rows)                        u = (1 - beta) (log q - log m)
+        tv          1/2 sum |p - q|                                     u = sign(q - p) / 2"""
+    if divergence == "forward_kl":
+        p = torch.softmax(t, dim=-1)
+        kl = (p * (t - s)).sum(-1) - torch.logsumexp(t, dim=-1) + torch.logsumexp(s, dim=-1)
+        return kl, torch.softmax(s, dim=-1) - p
+    log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+    q = log_q.exp()
+    if divergence == "reverse_kl":
+        u = log_q - log_p
+        d = (q * u).sum(-1)
+    elif divergence == "jsd":
+        p = log_p.exp()
+        log_m = torch.log(beta * p + (1 - beta) * q)
+        d = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+        u = (1 - beta) * (log_q - log_m)
+    elif divergence == "tv":
+        diff = q - log_p.exp()
+        d = 0.5 * diff.abs().sum(-1)
+        u = 0.5 * torch.sign(diff)
+    else:
+        raise ValueError(f"divergence {divergence!r} is not one of {DIVERGENCES}")
+    return d, q * (u - (q * u).sum(-1, keepdim=True))
 
 
-_compiled_soft_target_rows = None
+_compiled_soft_target_rows: dict = {}
 
 
-def _soft_target_rows_fn(compile: bool):
-    global _compiled_soft_target_rows
+def _soft_target_rows_fn(compile: bool, divergence: str, beta: float):
     if not compile:
-        return soft_target_rows
-    if _compiled_soft_target_rows is None:
+        return functools.partial(soft_target_rows, divergence=divergence, beta=beta)
+    key = (divergence, beta)
+    if key not in _compiled_soft_target_rows:
         # One fused loop instead of ~10 memory passes over (n, V); dynamic: the last chunk is shorter.
-        _compiled_soft_target_rows = torch.compile(soft_target_rows, dynamic=True)
-    return _compiled_soft_target_rows
+        _compiled_soft_target_rows[key] = torch.compile(
+            functools.partial(soft_target_rows, divergence=divergence, beta=beta), dynamic=True)
+    return _compiled_soft_target_rows[key]
 
 
 def _chunk_rows(vocab_size: int, device: torch.device) -> int:
@@ -159,10 +219,11 @@ def _eager_rows(s: torch.Tensor, t: torch.Tensor | None, lab: torch.Tensor, weig
     c_ce, c_mlm, c_mse = scales
     g, scale = None, 1.0
     if weights.alpha_ce:
-        kl, q_minus_p = _soft_target_rows_fn(weights.kernel == "compiled")(s, t)  # (n,), (n, V)
-        sums[0] += kl.sum() * T * T
+        rows = _soft_target_rows_fn(weights.kernel == "compiled", weights.divergence, weights.beta)
+        d, grad_s = rows(s, t)  # (n,), (n, V)
+        sums[0] += d.sum() * T * T
         if need_grad:
-            g, scale = q_minus_p, c_ce
+            g, scale = grad_s, c_ce
     if weights.alpha_mlm:
         keep = lab != -100  # on the CPU this indexing costs nothing; CUDA steps use the Triton kernel
         log_s = F.log_softmax(s[keep] * T, dim=-1)  # (k, V), the student at T = 1
@@ -192,6 +253,7 @@ class _FusedVocabLosses(torch.autograd.Function):
 
     Per row, with s' = s/T, t' = t/T, p = softmax(t'), q = softmax(s'):
         KL(p || q) = sum_v p_v (t'_v - s'_v) - lse(t') + lse(s'),   d(T^2 KL)/ds = T (q - p)
+    (other divergences: `soft_target_rows`, with the same T^2 and the same chunking)
     The normalisers n_ce, n_mlm may be device tensors: the Triton kernel reads them on the device, so a
     CUDA step never waits for the GPU here."""
 

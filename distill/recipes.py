@@ -134,6 +134,10 @@ class LossConfig:
     alpha_attn: float = 0.0  # attention-distribution KL on layer_map (MiniLM / TinyBERT)
     temperature: float = 2.0
     restrict_ce_to_mask: bool = False
+    # the soft-target term's divergence between teacher p and student q (distill.losses.divergence_rows):
+    # forward_kl (the paper's), reverse_kl, jsd (generalised, mixture weight jsd_beta), tv
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
+    jsd_beta: float = 0.5
     # Student layer -> teacher layer pairs (0 = embeddings, i = block i) for cos/hidden/attention losses.
     # None: cosine on the last layer only (the reference); uniform map for the others.
     layer_map: list[list[int]] | None = None
@@ -144,6 +148,7 @@ class LossConfig:
         require(all(w >= 0 for w in weights), "loss.alpha_ce", "loss weights must be >= 0")
         require(sum(weights) > 0, "loss.alpha_ce", "at least one loss weight must be > 0")
         require(self.temperature > 0, "loss.temperature", "must be > 0")
+        require(0 < self.jsd_beta < 1, "loss.jsd_beta", "must be in (0, 1) (0 and 1 are forward_kl and reverse_kl)")
         if self.layer_map is not None:
             require(all(len(p) == 2 for p in self.layer_map), "loss.layer_map", "must be [[student, teacher], ...]")
 

@@ -111,7 +111,8 @@ class DistillationModel(nn.Module):
         self.projections = nn.ModuleList(
             [nn.Linear(dim, teacher_dim) if dim != teacher_dim else nn.Identity() for _ in pairs["hidden"]]
         ) if cfg.alpha_hidden_mse else nn.ModuleList()
-        self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature, loss_kernel)
+        self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature, loss_kernel,
+                                        cfg.divergence, cfg.jsd_beta)
 
     def forward(self, batch: StepBatch, t: TeacherOutputs, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         """counts: (4,) global normalisers of this optimizer step (StepBatch.counts summed)."""

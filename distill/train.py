@@ -68,8 +68,13 @@ RESUMABLE_CHANGES = ("train.max_steps", "teacher.adapt.save_every",
 def loss_kernel(recipe: Recipe, device: torch.device) -> str:
     """The vocabulary losses' kernel: the recipe's, or for `auto` Triton on CUDA and eager PyTorch elsewhere."""
     kernel = recipe.train.loss_kernel
+    other = recipe.loss.divergence != "forward_kl" and recipe.loss.alpha_ce > 0
     if kernel == "auto":
-        kernel = "triton" if device.type == "cuda" else "eager"
+        # the Triton kernel computes the forward KL; other divergences run as torch.compile'd PyTorch on CUDA
+        kernel = ("compiled" if other else "triton") if device.type == "cuda" else "eager"
+    if kernel == "triton" and other:
+        raise RecipeError(f"train.loss_kernel=triton computes the forward KL only; loss.divergence="
+                          f"{recipe.loss.divergence} needs train.loss_kernel auto, eager or compiled")
     if kernel == "triton":
         if device.type != "cuda":
             raise RecipeError("train.loss_kernel=triton needs a CUDA device; use auto or eager")

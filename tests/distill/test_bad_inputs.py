@@ -181,6 +181,8 @@ CASES = [
     Case("layer-map-shape", ["loss.layer_map=[[1]]"], r"loss.layer_map must be \[\[student, teacher\]"),
     Case("layer-map-range", ["loss.layer_map=[[9,9]]", "loss.alpha_hidden_mse=1"],
          r"loss.layer_map pairs.*out of range"),
+    Case("divergence-unknown", ["loss.divergence=kl"], r"loss.divergence is 'kl'; choose one of"),
+    Case("jsd-beta-one", ["loss.divergence=jsd", "loss.jsd_beta=1"], r"loss.jsd_beta must be in \(0, 1\)"),
     Case("mask-probability-zero", ["masking.probability=0"], r"masking.probability must be in \(0, 1\)"),
     Case("mask-probability-big", ["masking.probability=1.5"], r"masking.probability must be in"),
     Case("mask-fractions-sum", ["masking.mask_fraction=0.9", "masking.random_fraction=0.2"],

@@ -125,8 +125,83 @@ def test_compiled_soft_target_matches_eager():
 
     s, t = torch.randn(7, 301), torch.randn(7, 301)
     kl, g = soft_target_rows(s, t)
-    ckl, cg = _soft_target_rows_fn(True)(s, t)
+    ckl, cg = _soft_target_rows_fn(True, "forward_kl", 0.5)(s, t)
     torch.testing.assert_close(ckl, kl, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cg, g, atol=1e-6, rtol=1e-5)
     ref = F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="none").sum(-1)
     torch.testing.assert_close(kl, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- divergences
+def naive_divergence(p: torch.Tensor, q: torch.Tensor, name: str, beta: float = 0.5) -> torch.Tensor:
+    """Textbook formulas on probability rows, element by element (the independent reference)."""
+    out = []
+    for pr, qr in zip(p.tolist(), q.tolist()):
+        if name == "forward_kl":
+            out.append(sum(a * math.log(a / b) for a, b in zip(pr, qr)))
+        elif name == "reverse_kl":
+            out.append(sum(b * math.log(b / a) for a, b in zip(pr, qr)))
+        elif name == "jsd":
+            m = [beta * a + (1 - beta) * b for a, b in zip(pr, qr)]
+            out.append(beta * sum(a * math.log(a / c) for a, c in zip(pr, m))
+                       + (1 - beta) * sum(b * math.log(b / c) for b, c in zip(qr, m)))
+        else:
+            out.append(0.5 * sum(abs(a - b) for a, b in zip(pr, qr)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1),
+                                       ("tv", 0.5)])
+def test_divergences_match_their_formulas_and_vanish_at_identity(name, beta):
+    from distill.losses import divergence_rows, soft_target_rows
+
+    s, t = torch.randn(5, 11, dtype=torch.float64), torch.randn(5, 11, dtype=torch.float64)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    torch.testing.assert_close(divergence_rows(s, t, name, beta), naive_divergence(p, q, name, beta))
+    d, grad = soft_target_rows(s, t, name, beta)  # the fused path's closed-form value and gradient
+    torch.testing.assert_close(d, naive_divergence(p, q, name, beta))
+    s_ = s.clone().requires_grad_()
+    divergence_rows(s_, t, name, beta).sum().backward()
+    torch.testing.assert_close(grad, s_.grad)
+    zero, zero_grad = soft_target_rows(t, t, name, beta)
+    assert zero.abs().max() < 1e-12 and zero_grad.abs().max() < 1e-12
+    if name == "jsd" and beta == 0.5:  # symmetric, bounded by log 2
+        torch.testing.assert_close(divergence_rows(t, s, name), d)
+        assert (d <= math.log(2)).all()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tv"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_divergences_equal_autograd_on_full_logits(name, masked, monkeypatch):
+    """Every divergence inside the chunked vocabulary loss (no (N, V) logits) has the value and the
+    gradients of autograd through the full logits; `masked` scores only the MLM rows, as
+    restrict_ce_to_mask does (the caller selects the rows)."""
+    monkeypatch.setattr("distill.losses._chunk_rows", lambda V, device: 3)
+    N, C, Ct, V, T = 10, 6, 5, 23, 2.0
+    h = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(N, Ct, dtype=torch.float64)
+    W_t, b_t = torch.randn(V, Ct, dtype=torch.float64), torch.randn(V, dtype=torch.float64)
+    labels = torch.full((N,), -100)
+    labels[[1, 4, 5, 9]] = torch.tensor([3, 0, 22, 7])
+    rows = labels != -100 if masked else torch.ones(N, dtype=torch.bool)
+    w = VocabLossWeights(5.0, 2.0, 0.0, temperature=T, divergence=name, beta=0.3)
+    total, ce, *_ = fused_vocab_losses(h[rows], W, b, h_t[rows], W_t, b_t, labels[rows], w, 13.0, 6.0)
+    total.backward()
+    fused = [x.grad.clone() for x in (h, W, b)]
+    for x in (h, W, b):
+        x.grad = None
+    s, t = h[rows] @ W.t() + b, h_t[rows] @ W_t.t() + b_t
+    ref_ce = soft_target_loss(s, t, T, 13.0, divergence=name, beta=0.3)
+    ref = 5.0 * ref_ce + 2.0 * mlm_loss(s, labels[rows], 6.0)
+    ref.backward()
+    torch.testing.assert_close(total.double(), ref.double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ce.double(), ref_ce.double(), atol=1e-6, rtol=1e-6)
+    for got, exp in zip(fused, (h.grad, W.grad, b.grad)):
+        torch.testing.assert_close(got.double(), exp, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_kernel_refuses_other_divergences():
+    with pytest.raises(ValueError, match="forward KL only"):
+        VocabLossWeights(1.0, 1.0, 0.0, 2.0, kernel="triton", divergence="jsd")

@@ -329,3 +329,14 @@ def test_distillation_logs_baseline_corpus_summary_and_model_to_wandb(tiny_teach
     assert run.summary["student/mlm_accuracy"] == summary["student"]["mlm_accuracy"] and run.summary["step"] == 2
     (artifact,) = run.artifacts
     assert artifact.type == "model" and "model.safetensors" in {e.path for e in artifact.manifest.entries.values()}
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tv"])
+def test_other_divergences_train(tiny_teacher_dir, tmp_path, divergence):
+    out = tmp_path / divergence
+    train_mod.train(recipe(tiny_teacher_dir, out, "train.max_steps=2", "train.log_every=1",
+                           f"loss.divergence={divergence}"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/ce" in x]
+    assert len(rows) == 2 and all(math.isfinite(r["loss/ce"]) and r["loss/ce"] > 0 for r in rows)
+    if divergence == "tv":
+        assert all(r["loss/ce"] <= 4.0 for r in rows)  # T^2 * TV <= T^2 (T = 2)
