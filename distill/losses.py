@@ -5,7 +5,8 @@ batch whatever the number of processes.
 
 Notation: s, t student / teacher logits (N, V); T temperature; h hidden states; N selected rows.
 References: Hinton et al. 2015 (soft targets), Sanh et al. 2019 (DistilBERT triple loss), Jiao et al.
-2020 (TinyBERT hidden/attention MSE), Wang et al. 2020 (MiniLM attention KL).
+2020 (TinyBERT hidden/attention MSE), Wang et al. 2020 (MiniLM attention KL and value relation), Wang et
+al. 2021 (MiniLM v2 Q-Q / K-K / V-V relations), Agarwal et al. 2024 / TRL (generalised JSD).
 """
 
 from __future__ import annotations
@@ -110,6 +111,50 @@ def attention_kl_loss(a_s: torch.Tensor, a_t: torch.Tensor, mask: torch.Tensor,
     kl = (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)  # (B, nh, T)
     kl = kl.mean(1)[mask]  # (N,)
     return kl.sum() / _norm(normalizer, int(mask.sum()))
+
+
+# ------------------------------------------------------------------------------ MiniLM relations
+def self_relation(x: torch.Tensor, n_heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """log softmax(x_a x_a^T / sqrt(d_a)) per relation head a: x (B, T, C) split into n_heads slices of
+    d_a = C / n_heads features; padding keys (mask (B, T) False) are out of the softmax. -> (B, A, T, T)."""
+    B, T, C = x.shape
+    if C % n_heads:
+        raise ValueError(f"{n_heads} relation heads do not divide the width {C}")
+    d = C // n_heads
+    xa = x.to(torch.promote_types(x.dtype, torch.float32)).view(B, T, n_heads, d).transpose(1, 2)  # (B, A, T, d)
+    scores = xa @ xa.transpose(-2, -1) / math.sqrt(d)  # (B, A, T, T)
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.log_softmax(scores, dim=-1)
+
+
+def relation_kl_loss(x_s: torch.Tensor, x_t: torch.Tensor, n_heads: int, mask: torch.Tensor,
+                     normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """One relation type of MiniLM v2 (Wang et al. 2021): KL(R_t || R_s) with R = `self_relation`, per
+    relation head and real query row; mean over relation heads, sum over real queries / normalizer.
+    x_s (B, T, C_s) and x_t (B, T, C_t) may differ in width: each is split into the same n_heads."""
+    log_t, log_s = self_relation(x_t, n_heads, mask), self_relation(x_s, n_heads, mask)
+    keys = mask[:, None, None, :]
+    kl = torch.where(keys, log_t.exp() * (log_t - log_s), 0.0).sum(-1)  # (B, A, T)
+    kl = kl.mean(1)[mask]  # (N,)
+    return kl.sum() / _norm(normalizer, int(mask.sum()))
+
+
+def minilm_v2_loss(qkv_s: tuple[torch.Tensor, ...], qkv_t: tuple[torch.Tensor, ...], n_relation_heads: int,
+                   mask: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """MiniLM v2 multi-head self-attention relation distillation: the sum over Q-Q, K-K and V-V of
+    `relation_kl_loss`, for the queries, keys and values (all heads concatenated, (B, T, C)) of one teacher
+    layer and of the student's last layer."""
+    return sum(relation_kl_loss(xs, xt, n_relation_heads, mask, normalizer) for xs, xt in zip(qkv_s, qkv_t))
+
+
+def value_relation_loss(v_s: torch.Tensor, v_t: torch.Tensor, heads_s: int, heads_t: int, mask: torch.Tensor,
+                        normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """MiniLM v1 value relation: KL(softmax(V_t V_t^T / sqrt(d_k)) || same for the student) per attention
+    head (the models' own heads, so their counts must be equal), mean over heads, summed over real queries."""
+    if heads_s != heads_t:
+        raise ValueError(f"MiniLM v1's value relation needs equal head counts (student {heads_s}, teacher "
+                         f"{heads_t}); use MiniLM v2 relations (loss.alpha_relation) with relation heads")
+    return relation_kl_loss(v_s, v_t, heads_s, mask, normalizer)
 
 
 # ------------------------------------------------------------------------------ fused vocabulary losses

@@ -138,16 +138,28 @@ class LossConfig:
     # forward_kl (the paper's), reverse_kl, jsd (generalised, mixture weight jsd_beta), tv
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
     jsd_beta: float = 0.5
+    # MiniLM v2 (Wang et al. 2021): Q-Q, K-K, V-V self-attention relations of one teacher layer
+    # (relation_layer, 1-based; default its last) transferred to the student's last layer, split into
+    # relation_heads (default: the teacher's attention heads; must divide both widths)
+    alpha_relation: float = 0.0
+    relation_heads: int | None = None
+    relation_layer: int | None = None
+    # MiniLM v1's value relation (same layers; the models' own heads, which must be equal in number);
+    # v1 = alpha_value_relation + alpha_attn on the last layers
+    alpha_value_relation: float = 0.0
     # Student layer -> teacher layer pairs (0 = embeddings, i = block i) for cos/hidden/attention losses.
     # None: cosine on the last layer only (the reference); uniform map for the others.
     layer_map: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         weights = [self.alpha_ce, self.alpha_mlm, self.alpha_cos, self.alpha_mse, self.alpha_hidden_mse,
-                   self.alpha_attn]
+                   self.alpha_attn, self.alpha_relation, self.alpha_value_relation]
         require(all(w >= 0 for w in weights), "loss.alpha_ce", "loss weights must be >= 0")
         require(sum(weights) > 0, "loss.alpha_ce", "at least one loss weight must be > 0")
         require(self.temperature > 0, "loss.temperature", "must be > 0")
+        require(self.relation_heads is None or self.relation_heads > 0, "loss.relation_heads", "must be > 0")
+        require(self.relation_layer is None or self.relation_layer > 0, "loss.relation_layer",
+                "must be a teacher layer >= 1")
         require(0 < self.jsd_beta < 1, "loss.jsd_beta", "must be in (0, 1) (0 and 1 are forward_kl and reverse_kl)")
         if self.layer_map is not None:
             require(all(len(p) == 2 for p in self.layer_map), "loss.layer_map", "must be [[student, teacher], ...]")

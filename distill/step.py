@@ -26,7 +26,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from distill.flops import EncoderShape, step_flops
-from distill.losses import VocabLossWeights, attention_kl_loss, cosine_loss, fused_vocab_losses, hidden_mse_loss
+from distill.losses import (
+    VocabLossWeights,
+    attention_kl_loss,
+    cosine_loss,
+    fused_vocab_losses,
+    hidden_mse_loss,
+    minilm_v2_loss,
+    value_relation_loss,
+)
 from distill.recipes import LossConfig, RecipeError
 from students.modeling import DistilBERTForMaskedLM, TokenLayout
 from teachers.teacher import Teacher
@@ -43,9 +51,15 @@ def layer_pairs(cfg: LossConfig, n_student: int, n_teacher: int) -> dict[str, li
         if bad:
             raise RecipeError(f"loss.layer_map pairs {bad} out of range "
                               f"(student 0..{n_student}, teacher 0..{n_teacher})")
-        return {"cos": pairs, "hidden": pairs, "attn": [p for p in pairs if p[0] > 0 and p[1] > 0]}
-    uniform = [(i, round(i * n_teacher / n_student)) for i in range(n_student + 1)]
-    return {"cos": [(n_student, n_teacher)], "hidden": uniform, "attn": uniform[1:]}
+        out = {"cos": pairs, "hidden": pairs, "attn": [p for p in pairs if p[0] > 0 and p[1] > 0]}
+    else:
+        uniform = [(i, round(i * n_teacher / n_student)) for i in range(n_student + 1)]
+        out = {"cos": [(n_student, n_teacher)], "hidden": uniform, "attn": uniform[1:]}
+    layer = cfg.relation_layer or n_teacher
+    if not 1 <= layer <= n_teacher:
+        raise RecipeError(f"loss.relation_layer={layer} is not a teacher layer (1..{n_teacher})")
+    out["relation"] = [(n_student, layer)]  # the student's last layer receives the teacher layer's relations
+    return out
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -75,6 +89,7 @@ class TeacherOutputs:
     rows: torch.Tensor | None = None  # (R, Ct) transformed last hidden state at the scored rows
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, Ct) rows, for layers in use
     attentions: tuple[torch.Tensor, ...] | None = None  # (B, nh, T, T) per layer, for attention transfer
+    qkv: tuple[torch.Tensor, ...] | None = None  # (N, Ct) queries, keys, values of the relation layer
 
 
 @dataclass
@@ -104,9 +119,11 @@ class DistillationModel(nn.Module):
     """
 
     def __init__(self, student: DistilBERTForMaskedLM, teacher_dim: int, cfg: LossConfig,
-                 pairs: dict[str, list[tuple[int, int]]], loss_kernel: str = "eager"):
+                 pairs: dict[str, list[tuple[int, int]]], loss_kernel: str = "eager", teacher_heads: int = 0):
         super().__init__()
         self.student, self.cfg, self.pairs = student, cfg, pairs
+        self.teacher_heads = teacher_heads  # MiniLM relations: the default relation heads, and v1's check
+        self.relation_heads = cfg.relation_heads or teacher_heads
         dim = student.config.dim
         self.projections = nn.ModuleList(
             [nn.Linear(dim, teacher_dim) if dim != teacher_dim else nn.Identity() for _ in pairs["hidden"]]
@@ -143,6 +160,21 @@ class DistillationModel(nn.Module):
                       for p, (i, j) in zip(self.projections, self.pairs["hidden"])) / len(self.pairs["hidden"])
             total = total + cfg.alpha_hidden_mse * hid
             losses["hidden_mse"] = hid.detach()
+        if cfg.alpha_relation or cfg.alpha_value_relation:
+            (i, _), = self.pairs["relation"]
+            attention = self.student.distilbert.transformer.layer[i - 1].attention
+            x = hidden[i - 1]
+            real = batch.attention_mask.bool()
+            qkv_s = [layout.scatter(f(x)) for f in (attention.q_lin, attention.k_lin, attention.v_lin)]
+            qkv_t = [layout.scatter(y) for y in t.qkv]
+            if cfg.alpha_relation:
+                rel = minilm_v2_loss(qkv_s, qkv_t, self.relation_heads, real, n_tokens)
+                total = total + cfg.alpha_relation * rel
+                losses["relation"] = rel.detach()
+            if cfg.alpha_value_relation:
+                val = value_relation_loss(qkv_s[2], qkv_t[2], attention.n_heads, self.teacher_heads, real, n_tokens)
+                total = total + cfg.alpha_value_relation * val
+                losses["value_relation"] = val.detach()
         if cfg.alpha_attn:
             real = batch.attention_mask.bool()
             att = sum(attention_kl_loss(attentions[i - 1], t.attentions[j - 1], real, n_tokens)
@@ -169,6 +201,12 @@ def teacher_outputs(teacher: Teacher, batch: StepBatch, cfg: LossConfig, pairs: 
         hidden = teacher.forward_rows(batch.input_ids, batch.layout)
     used = {j for key in ("cos", "hidden") for _, j in pairs[key]} if (cfg.alpha_cos or cfg.alpha_hidden_mse) else ()
     out.hidden = {j: hidden[j] for j in used}
+    if cfg.alpha_relation or cfg.alpha_value_relation:
+        (_, j), = pairs["relation"]
+        attention = teacher.blocks[j - 1].attention
+        with torch.no_grad():
+            x = hidden[j - 1]  # the layer's input rows
+            out.qkv = (attention.q_lin(x), attention.k_lin(x), attention.v_lin(x))
     if weights.needs_teacher_logits:
         last = hidden[-1] if batch.scored is None else hidden[-1].index_select(0, batch.scored)
         with torch.no_grad():

@@ -252,6 +252,20 @@ def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> No
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"student.init {scfg.init!r}: use 'teacher', 'random' or a checkpoint directory "
                                     "with a config.json")
+    loss = recipe.loss
+    if loss.alpha_relation or loss.alpha_value_relation:
+        if loss.relation_layer is not None and loss.relation_layer > depth:
+            raise RecipeError(f"loss.relation_layer={loss.relation_layer} is not a teacher layer (1..{depth})")
+        student_dim, student_heads = tconf.hidden_size, tconf.num_attention_heads
+        if scfg.preset:
+            student_dim, student_heads = create_model_config(scfg.preset).dim, create_model_config(scfg.preset).n_heads
+        heads = loss.relation_heads or tconf.num_attention_heads
+        if loss.alpha_relation and (tconf.hidden_size % heads or student_dim % heads):
+            raise RecipeError(f"loss.relation_heads={heads} must divide both widths (teacher {tconf.hidden_size}, "
+                              f"student {student_dim})")
+        if loss.alpha_value_relation and student_heads != tconf.num_attention_heads:
+            raise RecipeError(f"loss.alpha_value_relation (MiniLM v1) needs equal head counts (student "
+                              f"{student_heads}, teacher {tconf.num_attention_heads}); use loss.alpha_relation")
     if recipe.loss.layer_map is not None and scfg.init in ("teacher", "random"):
         n_student = scfg.n_layers or (create_model_config(scfg.preset).n_layers if scfg.preset
                                       else max(1, depth // 2))
@@ -382,7 +396,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
     student = build_student(recipe, teacher)
     pairs = layer_pairs(loss_cfg, student.config.n_layers, teacher.num_layers)
     kernel = loss_kernel(recipe, accelerator.device)
-    model = DistillationModel(student, teacher.config.hidden_size, loss_cfg, pairs, kernel)
+    model = DistillationModel(student, teacher.config.hidden_size, loss_cfg, pairs, kernel,
+                              teacher_heads=teacher.config.num_attention_heads)
     compiled = compile_enabled(recipe, accelerator.device)
     if compiled:
         # packed blocks: one shape, graphs specialised to it (automatic dynamic if another appears); documents:

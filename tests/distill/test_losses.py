@@ -205,3 +205,67 @@ def test_fused_divergences_equal_autograd_on_full_logits(name, masked, monkeypat
 def test_triton_kernel_refuses_other_divergences():
     with pytest.raises(ValueError, match="forward KL only"):
         VocabLossWeights(1.0, 1.0, 0.0, 2.0, kernel="triton", divergence="jsd")
+
+
+# ---------------------------------------------------------------------------------------- MiniLM relations
+def naive_relation_kl(x_s, x_t, A, mask):
+    """Loops over sequences, relation heads and real query rows; softmax over the real keys only."""
+    total = 0.0
+    for b in range(x_s.size(0)):
+        real = mask[b].nonzero().squeeze(1)
+        for i in real.tolist():
+            per_head = []
+            for a in range(A):
+                ds, dt = x_s.size(-1) // A, x_t.size(-1) // A
+                qs, qt = x_s[b, :, a * ds:(a + 1) * ds][real], x_t[b, :, a * dt:(a + 1) * dt][real]
+                rs = torch.softmax(qs[real.tolist().index(i)] @ qs.t() / math.sqrt(ds), -1)
+                rt = torch.softmax(qt[real.tolist().index(i)] @ qt.t() / math.sqrt(dt), -1)
+                per_head.append((rt * (rt.log() - rs.log())).sum())
+            total += torch.stack(per_head).mean()
+    return total
+
+
+def relation_inputs(widths=(8, 12), B=3, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 2:] = False
+    qkv_s = tuple(torch.randn(B, T, widths[0], generator=g, dtype=torch.float64) for _ in range(3))
+    qkv_t = tuple(torch.randn(B, T, widths[1], generator=g, dtype=torch.float64) for _ in range(3))
+    return qkv_s, qkv_t, mask
+
+
+@pytest.mark.parametrize("A", [1, 2, 4])
+def test_minilm_v2_relations_equal_a_naive_implementation_at_mixed_widths(A):
+    from distill.losses import minilm_v2_loss, relation_kl_loss
+
+    qkv_s, qkv_t, mask = relation_inputs()  # student 8 wide, teacher 12 wide
+    for xs, xt in zip(qkv_s, qkv_t):
+        torch.testing.assert_close(relation_kl_loss(xs, xt, A, mask, normalizer=1.0).double(),
+                                   naive_relation_kl(xs, xt, A, mask).double())
+    expected = sum(naive_relation_kl(xs, xt, A, mask) for xs, xt in zip(qkv_s, qkv_t)) / 7.0
+    torch.testing.assert_close(minilm_v2_loss(qkv_s, qkv_t, A, mask, 7.0).double(), expected.double())
+    # padding does not leak: changing padded positions changes nothing
+    moved = tuple(x.clone() for x in qkv_s)
+    for x in moved:
+        x[2, 3:] += 100.0
+    torch.testing.assert_close(minilm_v2_loss(moved, qkv_t, A, mask), minilm_v2_loss(qkv_s, qkv_t, A, mask))
+
+
+def test_relations_vanish_for_a_student_equal_to_its_teacher_and_have_gradients():
+    from distill.losses import minilm_v2_loss, value_relation_loss
+
+    qkv_s, qkv_t, mask = relation_inputs(widths=(12, 12))
+    assert minilm_v2_loss(qkv_t, qkv_t, 3, mask).abs() < 1e-12
+    assert value_relation_loss(qkv_t[2], qkv_t[2], 4, 4, mask).abs() < 1e-12
+    xs = tuple(x.clone().requires_grad_() for x in qkv_s)
+    loss = minilm_v2_loss(xs, qkv_t, 3, mask)
+    loss.backward()
+    assert loss > 0 and all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in xs)
+    assert all((x.grad[2, 2:] == 0).all() for x in xs)  # padded rows get no gradient
+    assert torch.autograd.gradcheck(lambda v: minilm_v2_loss((qkv_s[0], qkv_s[1], v), qkv_t, 3, mask),
+                                    (qkv_s[2].clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="equal head counts"):
+        value_relation_loss(qkv_s[2], qkv_t[2], 2, 4, mask)
+    with pytest.raises(ValueError, match="do not divide"):
+        minilm_v2_loss(qkv_s, qkv_t, 5, mask)

@@ -340,3 +340,16 @@ def test_other_divergences_train(tiny_teacher_dir, tmp_path, divergence):
     assert len(rows) == 2 and all(math.isfinite(r["loss/ce"]) and r["loss/ce"] > 0 for r in rows)
     if divergence == "tv":
         assert all(r["loss/ce"] <= 4.0 for r in rows)  # T^2 * TV <= T^2 (T = 2)
+
+
+def test_minilm_relations_train_and_the_recipe_resolves(tiny_teacher_dir, tmp_path):
+    minilm = resolve(ROOT / "recipes" / "minilmv2.yaml")
+    assert minilm.loss.alpha_relation == 1.0 and minilm.loss.alpha_ce == 0 and minilm.teacher.name_or_path == "minilm"
+    out = tmp_path / "rel"
+    # the tiny teacher: 4 layers x 32, 2 heads; relations of its layer 3 into the 2-layer student's last layer
+    train_mod.train(recipe(tiny_teacher_dir, out, "train.max_steps=3", "train.log_every=1", "loss.alpha_ce=0",
+                           "loss.alpha_mlm=0", "loss.alpha_cos=0", "loss.alpha_relation=1", "loss.relation_heads=4",
+                           "loss.relation_layer=3", "loss.alpha_value_relation=0.5", "student.dropout=0"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/relation" in x]
+    assert len(rows) == 3 and all(r["loss/relation"] > 0 and r["loss/value_relation"] > 0 for r in rows)
+    assert rows[-1]["loss/relation"] < rows[0]["loss/relation"]  # it learns
