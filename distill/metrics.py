@@ -124,4 +124,5 @@ def evaluate_classification_metrics(model: torch.nn.Module, dataloader, num_clas
     prf = compute_precision_recall_f1(labels, preds, k)
     return {"accuracy": (labels == preds).double().mean().item(),
             "loss": compute_classification_loss(logits, labels).item(), "macro_f1": prf["macro"]["f1"], **prf,
-            "confusion_matrix": compute_confusion_matrix(labels, preds, k).tolist()}
+            "confusion_matrix": compute_confusion_matrix(labels, preds, k).tolist(),
+            "correct": (labels == preds).int().tolist()}  # per example, in order: bootstrap intervals

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,96 @@ def plot_confusion(results: dict, title: str, out: Path, name: str) -> str:
     return path.name
 
 
+@dataclass
+class Variant:
+    """One ablation variant: its distillation runs and their fine-tunes, one pair per seed."""
+
+    name: str
+    distill_runs: list[Path]
+    finetune_runs: list[Path]
+
+
+def parse_ablation(spec: str) -> Variant:
+    """NAME=DISTILL_RUN[+DISTILL_RUN...],FINETUNE_RUN[+FINETUNE_RUN...] (one run per seed)."""
+    name, _, runs = spec.partition("=")
+    d_runs, _, f_runs = runs.partition(",")
+    variant = Variant(name, [Path(x) for x in d_runs.split("+") if x], [Path(x) for x in f_runs.split("+") if x])
+    if not variant.distill_runs or len(variant.distill_runs) != len(variant.finetune_runs):
+        raise SystemExit(f"error: --ablation {spec!r}: give NAME=D1[+D2...],F1[+F2...] with one fine-tune per run")
+    return variant
+
+
+def _last_eval(run: Path) -> tuple[float, int]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/student_mlm_accuracy" in r]
+    if not evals:
+        raise SystemExit(f"error: {run}/metrics.jsonl has no evaluation")
+    return evals[-1]["eval/student_mlm_accuracy"], int(evals[-1].get("eval/student_tokens", 0))
+
+
+def metric_intervals(variant: Variant) -> dict[str, Any]:
+    """Held-out MLM and topic accuracy of a variant with 95 % intervals: across seeds (Student t) when it
+    has several runs; for one run, a binomial interval over the masked tokens (MLM) and a bootstrap over
+    the test examples (topics)."""
+    from distill import stats
+
+    mlm = [_last_eval(r) for r in variant.distill_runs]
+    results = [json.loads((r / "results.json").read_text()) for r in variant.finetune_runs]
+    topic = [r["test"]["accuracy"] for r in results]
+    if len(mlm) > 1:
+        return {"mlm": stats.mean_ci([a for a, _ in mlm]), "topic": stats.mean_ci(topic), "seeds": len(mlm),
+                "mlm_runs": [a for a, _ in mlm], "topic_runs": topic, "correct": None, "mlm_n": None}
+    (acc, n), = mlm
+    se = stats.binomial_se(acc, max(n, 1))
+    mlm_ci = stats.Interval(acc, acc - 1.96 * se, acc + 1.96 * se, n, f"binomial, {n} masked tokens")
+    correct = results[0]["test"].get("correct")
+    topic_ci = (stats.bootstrap_ci(correct) if correct else
+                stats.Interval(topic[0], -math.inf, math.inf, 1, "no per-example results"))
+    return {"mlm": mlm_ci, "topic": topic_ci, "seeds": 1, "mlm_runs": [acc], "topic_runs": topic,
+            "correct": correct, "mlm_n": n}
+
+
+def difference(a: dict[str, Any], b: dict[str, Any], key: str):
+    """a - b for metric `key` ("mlm" or "topic") with a 95 % interval: Welch across seeds, a paired
+    bootstrap over the same test examples for single runs (topics), or two independent binomials (MLM)."""
+    from distill import stats
+
+    if a["seeds"] > 1 and b["seeds"] > 1:
+        return stats.welch_diff_ci(a[f"{key}_runs"], b[f"{key}_runs"])
+    if key == "topic" and a["correct"] and b["correct"] and len(a["correct"]) == len(b["correct"]):
+        return stats.paired_bootstrap_diff(a["correct"], b["correct"])
+    if key == "mlm" and a["mlm_n"] and b["mlm_n"]:
+        pa, pb = a["mlm_runs"][0], b["mlm_runs"][0]
+        se = math.sqrt(stats.binomial_se(pa, a["mlm_n"]) ** 2 + stats.binomial_se(pb, b["mlm_n"]) ** 2)
+        return stats.Interval(pa - pb, pa - pb - 1.96 * se, pa - pb + 1.96 * se, a["mlm_n"], "two binomials")
+    est = sum(a[f"{key}_runs"]) / len(a[f"{key}_runs"]) - sum(b[f"{key}_runs"]) / len(b[f"{key}_runs"])
+    return stats.Interval(est, -math.inf, math.inf, 0, "no interval (mixed seeds)")
+
+
+def ablation_table(variants: list[Variant]) -> list[str]:
+    """Markdown: each variant's metrics (mean ± 95 % CI half-width, in points) and its difference to the
+    first variant (the baseline), marked ✓ where the interval excludes 0 (a resolved difference)."""
+    got = [(v, metric_intervals(v)) for v in variants]
+    base_name, base = got[0][0].name, got[0][1]
+    lines = ["## Ablation", "",
+             f"Mean ± 95 % CI half-width, in points. Δ: difference to `{base_name}` with its 95 % CI; ✓ marks a "
+             "resolved difference (the interval excludes 0). Intervals: across seeds (Student t / Welch) when a "
+             "variant has several runs, else over masked tokens (binomial) and test examples (bootstrap, paired).",
+             "", "| variant | seeds | held-out MLM accuracy | Δ MLM | topic test accuracy | Δ topics |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for v, m in got:
+        cells = []
+        for key in ("mlm", "topic"):
+            if v.name == base_name:
+                cells += [m[key].fmt(), "—"]
+                continue
+            d = difference(m, base, key)
+            mark = " ✓" if d.resolved else ""
+            cells += [m[key].fmt(), f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}{mark}"]
+        lines.append(f"| {v.name} | {m['seeds']} | {' | '.join(cells)} |")
+    return lines
+
+
 def log_to_wandb(project: str, distill_run: Path | None, output: Path, rows: list[tuple], figures: list[str],
                  summary: dict) -> None:
     """The report as a wandb run: the table, the figures as images, the numbers in the summary."""
@@ -192,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--distill-run", type=Path, help="distillation run directory (curves, validation data)")
     p.add_argument("--teacher-finetune", type=Path, help="fine-tuning run of the teacher")
     p.add_argument("--student-finetune", type=Path, help="fine-tuning run of the student")
-    p.add_argument("--ablation", action="append", default=[], help="NAME=DISTILL_RUN,FINETUNE_RUN")
+    p.add_argument("--ablation", action="append", default=[],
+                   help="NAME=DISTILL_RUN[+RUN...],FINETUNE_RUN[+RUN...] (one pair per seed); the first is the "
+                   "baseline")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--wandb", metavar="PROJECT", help="also log the table and figures to a wandb run (job_type "
@@ -264,16 +357,7 @@ def main(argv: list[str] | None = None) -> None:
              "| | teacher | student | student / teacher |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     if args.ablation:
-        lines += ["", "## Ablation", "", "| variant | held-out MLM accuracy | topic test accuracy | macro-F1 |",
-                  "| --- | --- | --- | --- |"]
-        for spec in args.ablation:
-            name, _, runs = spec.partition("=")
-            d_run, _, f_run = runs.partition(",")
-            d_rows = [json.loads(x) for x in (Path(d_run) / "metrics.jsonl").read_text().splitlines()]
-            acc = [r["eval/student_mlm_accuracy"] for r in d_rows if "eval/student_mlm_accuracy" in r]
-            res = json.loads((Path(f_run) / "results.json").read_text())
-            lines.append(f"| {name} | {acc[-1] if acc else float('nan'):.4f} | {res['test']['accuracy']:.4f} | "
-                         f"{res['test']['macro_f1']:.4f} |")
+        lines += ["", *ablation_table([parse_ablation(spec) for spec in args.ablation])]
     lines += [""] + [f"![{f}]({f})" for f in figures]
     (args.output / "report.md").write_text("\n".join(lines) + "\n")
     summary = {"parameters": params, "disk_mb": size,

@@ -1,19 +1,35 @@
 #!/usr/bin/env bash
-# The small-scale ablation: distil each variant, fine-tune it on the Wikipedia topics, then one report.
-#   bash scripts/ablation.sh            (about 2 hours on 2 CPU cores; resumable: finished steps are kept)
+# The small-scale ablation: distil each variant (one run per seed), fine-tune it on the Wikipedia topics, then
+# one report with 95 % intervals and the differences to the triple loss that the intervals resolve.
+#   bash scripts/ablation.sh                      one seed (56); about 2 hours on 2 CPU cores
+#   SEEDS="56 57 58" bash scripts/ablation.sh     three seeds per variant: intervals across seeds
+#   PYTHON=python bash scripts/ablation.sh        use this Python as it is (a GPU machine's CUDA torch): the
+#                                                 CPU set-up (scripts/setup.sh, which pins CPU torch) is skipped
+# Resumable: finished runs are kept and skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-run=".venv/bin/python distill/run.py"
+if [ -z "${PYTHON:-}" ]; then
+  bash scripts/setup.sh
+  PYTHON=.venv/bin/python
+fi
+SEEDS=${SEEDS:-56}
+run="$PYTHON distill/run.py"
 args=()
 for v in triple no-ce no-cos no-mlm random-init; do
-  [ -d "runs/ablation/$v/student" ] || $run "recipes/ablation/$v.yaml"
-  [ -f "runs/ablation/$v-topics/results.json" ] || $run recipes/finetune/wiki-topics.yaml \
-      "model=runs/ablation/$v/student" "output_dir=runs/ablation/$v-topics"
-  args+=(--ablation "$v=runs/ablation/$v,runs/ablation/$v-topics")
+  distilled=() finetuned=()
+  for s in $SEEDS; do
+    out="runs/ablation/$v-seed$s"
+    [ -d "$out/student" ] || $run "recipes/ablation/$v.yaml" "output_dir=$out" "train.seed=$s"
+    [ -f "$out-topics/results.json" ] || $run recipes/finetune/wiki-topics.yaml \
+        "model=$out/student" "output_dir=$out-topics" "train.seed=$s"
+    distilled+=("$out") finetuned+=("$out-topics")
+  done
+  args+=(--ablation "$v=$(IFS=+; echo "${distilled[*]}"),$(IFS=+; echo "${finetuned[*]}")")
 done
+first=$(echo "$SEEDS" | awk '{print $1}')
+base="runs/ablation/triple-seed$first"
 [ -f runs/ablation/teacher-topics/results.json ] || $run recipes/finetune/wiki-topics.yaml \
-    model=runs/ablation/triple/teacher output_dir=runs/ablation/teacher-topics
-.venv/bin/python -m distill.report --teacher runs/ablation/triple/teacher --student runs/ablation/triple/student \
-  --distill-run runs/ablation/triple --teacher-finetune runs/ablation/teacher-topics \
-  --student-finetune runs/ablation/triple-topics "${args[@]}" --output runs/ablation/report
+    "model=$base/teacher" output_dir=runs/ablation/teacher-topics
+$PYTHON -m distill.report --teacher "$base/teacher" --student "$base/student" \
+  --distill-run "$base" --teacher-finetune runs/ablation/teacher-topics \
+  --student-finetune "$base-topics" "${args[@]}" --output runs/ablation/report

@@ -35,7 +35,8 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     report.main(["--teacher", str(tiny_teacher_dir), "--student", str(tmp_path / "distill" / "student"),
                  "--distill-run", str(tmp_path / "distill"), "--teacher-finetune", str(tmp_path / "teacher"),
                  "--student-finetune", str(tmp_path / "student"), "--repeats", "2", "--output", str(out),
-                 "--ablation", f"triple={tmp_path / 'distill'},{tmp_path / 'student'}", "--wandb", "kit-tests"])
+                 "--ablation", f"triple={tmp_path / 'distill'},{tmp_path / 'student'}",
+                 "--ablation", f"same={tmp_path / 'distill'},{tmp_path / 'student'}", "--wandb", "kit-tests"])
     md = (out / "report.md").read_text()
     for row in ("parameters", "CPU latency, batch 1", "held-out masked-token accuracy", "downstream test accuracy",
                 "## Ablation", "| triple |"):
@@ -52,3 +53,39 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     assert logged["init"]["job_type"] == "report" and logged["finished"]
     assert isinstance(logged["report/table"], wandb.Table) and isinstance(logged["report/training_curves"], wandb.Image)
     assert isinstance(logged["report/confusion_student"], wandb.Image)
+    # the ablation table: a variant identical to the baseline differs by 0, unresolved
+    same = [x for x in md.splitlines() if x.startswith("| same |")][0]
+    assert "+0.0 ± 0.0 |" in same and "✓" not in same and "95 % CI" in md
+
+
+def test_ablation_intervals_across_seeds_and_single_runs(tmp_path):
+    """Synthetic runs: three seeds per variant (t and Welch), and single runs (binomial, paired bootstrap)."""
+    def runs(name, mlm, topic_correct, seed):
+        d, f = tmp_path / f"{name}-{seed}", tmp_path / f"{name}-{seed}-ft"
+        d.mkdir()
+        f.mkdir()
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 200, "eval/student_mlm_accuracy": mlm,
+                                                     "eval/student_tokens": 40000}) + "\n")
+        acc = sum(topic_correct) / len(topic_correct)
+        (f / "results.json").write_text(json.dumps({"test": {"accuracy": acc, "correct": topic_correct}}))
+        return d, f
+
+    base = [runs("base", m, [1] * k + [0] * (925 - k), i)
+            for i, (m, k) in enumerate([(0.270, 860), (0.268, 855), (0.272, 865)])]
+    better = [runs("better", m, [1] * k + [0] * (925 - k), i)
+              for i, (m, k) in enumerate([(0.330, 862), (0.336, 858), (0.333, 866)])]
+
+    def spec(name, pairs):
+        return f"{name}={'+'.join(str(d) for d, _ in pairs)},{'+'.join(str(f) for _, f in pairs)}"
+
+    lines = report.ablation_table([report.parse_ablation(spec("base", base)),
+                                   report.parse_ablation(spec("better", better))])
+    row = [x for x in lines if x.startswith("| better |")][0]
+    # MLM +6.3 points across 3 seeds: resolved; topics +0.2 points with seed noise of ~0.5: not resolved
+    assert "| 3 | 33.3 ± " in row and "+6.3 ± " in row and "| +0.2 ± " in row and row.count("✓") == 1
+    single = report.ablation_table([report.parse_ablation(spec("base", base[:1])),
+                                    report.parse_ablation(spec("better", better[:1]))])
+    row = [x for x in single if x.startswith("| better |")][0]
+    # one run each: MLM 33.0 vs 27.0 on 40,000 tokens (resolved); topics 93.2 vs 93.0 on the same 925 test
+    # examples (862 vs 860 correct, the 860 a subset of the 862): +0.2 points, unresolved
+    assert "| 1 | 33.0 ± 0.5 | +6.0 ± 0.6 ✓ | 93.2 ± 1.6 | +0.2 ± " in row and row.count("✓") == 1

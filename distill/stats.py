@@ -1,0 +1,163 @@
+"""Uncertainty for experiment results: which differences between variants can be trusted.
+
+    mean_ci(values)                    mean and Student-t 95 % interval across seeds
+    bootstrap_ci(per_example)          a single run's metric with a percentile bootstrap over test examples
+    welch_diff_ci(a, b)                difference of two variants' means across seeds (Welch's t interval)
+    paired_bootstrap_diff(a, b)        difference of two single runs on the same test examples (paired)
+    binomial_se(p, n)                  the standard error of an accuracy p on n examples
+
+An interval that excludes 0 marks a difference as *resolved*. No dependency beyond the standard library
+and torch: the t quantile comes from the regularised incomplete beta function (continued fraction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its two-sided confidence interval [low, high]."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+    method: str
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
+    def resolved(self) -> bool:
+        """For a difference: the interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+    def fmt(self, scale: float = 100.0, digits: int = 1) -> str:
+        return f"{self.estimate * scale:.{digits}f} ± {self.half_width * scale:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------- Student t
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (Numerical Recipes' betacf, Lentz's method)."""
+    tiny, eps = 1e-300, 3e-16
+    qab, qap, qam = a + b, a + 1, a - 1
+    c, d = 1.0, 1 - qab * x / qap
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1 + aa * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + aa / c if abs(1 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1 + aa * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + aa / c if abs(1 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    x = df / (df + t * t)
+    tail = 0.5 * betainc(df / 2, 0.5, x)
+    return 1 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with df degrees of freedom (bisection on the CDF, to 1e-12)."""
+    if not 0 < p < 1:
+        raise ValueError("p must be in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return (lo + hi) / 2
+
+
+# ---------------------------------------------------------------------------------------- intervals
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Mean of independent runs (e.g. seeds) with a Student-t interval; one run has no interval (inf)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return Interval(mean, -math.inf, math.inf, 1, "t (one run: no interval)")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    h = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return Interval(mean, mean - h, mean + h, n, f"t, {n} runs")
+
+
+def welch_diff_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+    """mean(a) - mean(b) with Welch's t interval (unequal variances; Welch-Satterthwaite df)."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        raise ValueError("welch_diff_ci needs at least two runs per variant")
+    ma, mb = sum(a) / na, sum(b) / nb
+    va = sum((x - ma) ** 2 for x in a) / (na - 1)
+    vb = sum((x - mb) ** 2 for x in b) / (nb - 1)
+    se2 = va / na + vb / nb
+    if se2 == 0:
+        return Interval(ma - mb, ma - mb, ma - mb, na + nb, "welch (no variance)")
+    df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    h = t_quantile(0.5 + confidence / 2, df) * math.sqrt(se2)
+    return Interval(ma - mb, ma - mb - h, ma - mb + h, na + nb, f"welch t, df {df:.1f}")
+
+
+def bootstrap_ci(per_example: Sequence[float], confidence: float = 0.95, n_boot: int = 10_000,
+                 seed: int = 0) -> Interval:
+    """The mean of per-example scores (1/0 correctness: accuracy) with a percentile bootstrap interval."""
+    x = torch.as_tensor(per_example, dtype=torch.float64)
+    n = x.numel()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    means = x[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64))
+    return Interval(x.mean().item(), lo.item(), hi.item(), n, f"bootstrap, {n} examples")
+
+
+def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_boot: int = 10_000,
+                          seed: int = 0) -> Interval:
+    """mean(a) - mean(b) for two runs scored on the same examples, resampling examples jointly (paired)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired runs need the same examples ({len(a)} vs {len(b)})")
+    d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    out = bootstrap_ci(d.tolist(), confidence, n_boot, seed)
+    return Interval(out.estimate, out.low, out.high, out.n, f"paired bootstrap, {out.n} examples")
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n independent examples: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n)
