@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption (they do not change the computation).
 RESUMABLE_CHANGES = ("train.max_steps", "teacher.adapt.save_every",
                      "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "tracking.",
+                     "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "train.eval_mask_draws",
+                     "tracking.",
                      "train.compile", "train.loss_kernel", "train.peak_tflops",
                      "train.compile_loss",  # (recorded by runs of earlier versions)
                      "output_dir",  # a moved or copied run directory resumes
@@ -408,7 +409,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
                    if recipe.masking.smoothing else None)
     collator = MLMCollator(tokenizer, recipe.masking, frequencies)
     eval_collator = MLMCollator(tokenizer, standard_masking(recipe.masking))  # comparable held-out accuracy
-    val = eval_batches(corpus.validation, max(1, cfg.batch_size // world), cfg.eval_batches, cfg.seed)
+    val = eval_batches(corpus.validation, max(1, cfg.batch_size // world), cfg.eval_batches, cfg.seed,
+                       cfg.eval_mask_draws)
 
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                   eps=cfg.eps, fused=accelerator.device.type in ("cpu", "cuda"))

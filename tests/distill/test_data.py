@@ -166,3 +166,19 @@ def test_bad_data_files_are_clear(tmp_path, tokenizer):
     (tmp_path / "b.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="no column 'text'"):
         load_documents(DataConfig(source="files", files=[str(tmp_path / "b.jsonl")]))
+
+
+def test_eval_mask_draws_repeat_the_blocks_with_other_masks(tokenizer):
+    import datasets
+
+    from distill.data import eval_batches
+    from distill.masking import MLMCollator
+    from distill.recipes import MaskingConfig
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[101, *range(2000, 2060), 102]] * 10})
+    one = eval_batches(ds, 4, 2, seed=3)
+    three = eval_batches(ds, 4, 2, seed=3, mask_draws=3)
+    assert len(three) == 3 * len(one) and three[: len(one)] == one  # the first draw is the single-draw list
+    collate = MLMCollator(tokenizer, MaskingConfig(smoothing=0.0))
+    labels = [collate(b)["labels"] for b in three]
+    assert not torch.equal(labels[0], labels[2]) and torch.equal(collate(three[0])["labels"], labels[0])
