@@ -203,7 +203,8 @@ def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: in
     final = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if parts.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in final.parent.glob("step-*.tmp") if final.parent.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True)  # saves that a kill interrupted (never complete)
         tmp.mkdir(parents=True)
     parts.barrier()
     tensors, meta = rng_files()

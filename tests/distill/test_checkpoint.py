@@ -44,7 +44,9 @@ def snapshot(p):
 def test_roundtrip_restores_every_part_and_holds_no_pickle(tmp_path):
     p = parts()
     torch.manual_seed(7)
+    (tmp_path / "checkpoints" / "step-00000002.tmp").mkdir(parents=True)  # a save that a kill interrupted
     checkpoint.save(p, tmp_path, 3, {"tokens": 5}, keep=2)
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step-00000003"]
     model_before, avg_before, lr_before, rng_before = snapshot(p)
     expected_draw = torch.rand(3)
     q = parts()  # other weights; then a step further
