@@ -194,8 +194,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
-    # mask draws over the eval batches: held-out MLM accuracy on draws x ~600 masked tokens per batch of
-    # 32 x 128 (about 84K tokens, 8 draws of 20 batches, give a 95 % interval of ±0.3 points at 27 %)
+    # mask draws over the eval batches (each draw masks the same blocks anew): a 95 % interval of ±0.3 points
+    # at 27 % accuracy needs ~84K masked tokens; the offline corpus's ~100 validation blocks give ~3,100 per draw
     eval_mask_draws: int = 1
     save_every: int = 200
     keep_checkpoints: int = 2
