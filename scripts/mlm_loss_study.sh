@@ -3,7 +3,7 @@
 # frequency-smoothed (selection weight count^-0.7, Sanh et al.), so L_mlm is spent on rare tokens, while the
 # held-out evaluation masks uniformly (standard BERT masking). Test: the triple loss and the loss without L_mlm,
 # each with smoothed (0.7) and uniform (0) training masks; same teacher, data, seed and steps; held-out MLM on
-# 8 mask draws (~84K masked tokens: ±0.3 points). Reduced scale for 2 CPU cores (about an hour):
+# 8 mask draws (~25K masked tokens of ~100 validation blocks: ±0.6 points). Reduced scale for 2 CPU cores (about an hour):
 # a 300-step teacher adaptation and 100 distillation steps per variant (set STEPS / ADAPT to change).
 #   bash scripts/mlm_loss_study.sh            (PYTHON=python to use an existing environment, e.g. a GPU's)
 set -euo pipefail
