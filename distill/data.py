@@ -67,7 +67,7 @@ class DataError(ValueError):
     """A corpus that cannot be used as given (reported as one line)."""
 
 
-TEXT_CHECK_BYTES = 64 << 20  # files up to this size are checked whole before any work; larger: their start
+TEXT_CHECK_BYTES = 8 << 20  # files up to this size are checked whole before any work; larger: their first 8 MiB
 
 
 def check_files(cfg: DataConfig) -> None:
