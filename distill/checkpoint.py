@@ -238,13 +238,13 @@ def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: in
 
 
 def _fsync_dir(path: Path) -> None:
-    for p in [*path.iterdir(), path] if path.is_dir() else [path]:
-        if p.is_file() or p == path:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    """Flush a directory's files and the directory entry itself to disk."""
+    for p in [*(f for f in path.iterdir() if f.is_file()), path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ loading

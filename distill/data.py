@@ -234,6 +234,9 @@ def build_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Corpus:
         train = train_docs.map(tokenize_and_chunk, batched=True, fn_kwargs=fn_kwargs, remove_columns=remove)
         validation = val_docs.map(tokenize_and_chunk, batched=True, fn_kwargs=fn_kwargs,
                                   remove_columns=val_docs.column_names)
+        if len(validation) == 0:
+            raise DataError("the streamed corpus has no validation text among its first documents; raise "
+                            "data.validation_fraction or data.max_validation_documents")
         stats = {"streaming": True, "validation_sequences": len(validation)}
         return Corpus(train=train, validation=validation, stats=stats)
 

@@ -265,14 +265,14 @@ def log_to_wandb(project: str, distill_run: Path | None, output: Path, rows: lis
     """The report as a wandb run: the table, the figures as images, the numbers in the summary."""
     import wandb
 
-    from distill.tracking import _flatten, wandb_mode
+    from distill.tracking import flatten, wandb_mode
 
     group = distill_run.name if distill_run else None
     run = wandb.init(project=project, job_type="report", group=group, name=f"report-{group or output.name}",
                      mode=wandb_mode(), dir=str(output))
     table = wandb.Table(columns=["", "teacher", "student", "student / teacher"], data=[list(r) for r in rows])
     run.log({"report/table": table, **{f"report/{Path(f).stem}": wandb.Image(str(output / f)) for f in figures}})
-    run.summary.update(_flatten(summary))
+    run.summary.update(flatten(summary))
     run.finish()
 
 

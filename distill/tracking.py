@@ -107,7 +107,7 @@ def log_summary(accelerator: Accelerator, values: dict[str, Any]) -> None:
     """Final numbers, shown in the run table (flattened: {"test": {"accuracy": x}} -> test/accuracy)."""
     run = run_of(accelerator)
     if run is not None:
-        run.summary.update(_flatten(values))
+        run.summary.update(flatten(values))
 
 
 def log_classification(accelerator: Accelerator, label_names: list[str], results: dict, prefix: str = "test",
@@ -146,7 +146,7 @@ def log_model(accelerator: Accelerator, cfg: TrackingConfig, directory: Path, na
         return
     import wandb
 
-    artifact = wandb.Artifact(name, type="model", metadata=_flatten(metadata))
+    artifact = wandb.Artifact(name, type="model", metadata=flatten(metadata))
     for f in sorted(Path(directory).iterdir()):  # the model's files only: no tracker folders, logs or locks
         if f.is_file() and not f.name.startswith(".") and f.name not in RUN_ONLY_FILES:
             artifact.add_file(str(f))
@@ -156,11 +156,12 @@ def log_model(accelerator: Accelerator, cfg: TrackingConfig, directory: Path, na
 RUN_ONLY_FILES = ("metrics.jsonl", "recipe.yaml", "results.json")
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: dict[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level: {"test": {"accuracy": x}} -> {"test/accuracy": x}."""
     out = {}
     for k, v in values.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten(v, sep, f"{prefix}{k}{sep}"))
         else:
             out[f"{prefix}{k}"] = v
     return out

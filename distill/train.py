@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DistilBertConfig
 
 from distill import checkpoint, hub, rundir, tracking
 from distill.data import (
@@ -222,24 +223,9 @@ def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> No
         raise TeacherError(f"teacher {recipe.teacher.name_or_path} has no trained MLM head; adapt it first "
                            "(recipe: teacher.adapt.steps > 0)")
     depth = tconf.num_hidden_layers
-    if scfg.preset:
-        try:
-            pconf = create_model_config(scfg.preset)
-        except ValueError as e:
-            raise RecipeError(f"student.preset: {e}") from None
-        if pconf.vocab_size != tconf.vocab_size:
-            raise RecipeError(f"student.preset {scfg.preset!r} has {pconf.vocab_size} tokens, the teacher "
-                              f"{tconf.vocab_size}")
-        if scfg.init == "teacher" and (pconf.dim, pconf.n_heads, pconf.hidden_dim) != (
-                tconf.hidden_size, tconf.num_attention_heads, tconf.intermediate_size):
-            raise RecipeError(f"student.preset {scfg.preset!r} ({pconf.dim} wide, {pconf.n_heads} heads) cannot be "
-                              f"initialised from the teacher ({tconf.hidden_size} wide, {tconf.num_attention_heads} "
-                              "heads); use student.init=random or no preset")
-        if pconf.max_position_embeddings < recipe.data.max_length:
-            raise RecipeError(f"data.max_length={recipe.data.max_length} exceeds student.preset's "
-                              f"{pconf.max_position_embeddings} positions")
+    sconf = student_config(recipe, tconf)
+    n = sconf.n_layers
     if scfg.init == "teacher":
-        n = scfg.n_layers or (create_model_config(scfg.preset).n_layers if scfg.preset else max(1, depth // 2))
         if n > depth:
             raise RecipeError(f"student.n_layers={n} is deeper than the teacher ({depth} layers); student.init="
                               f"teacher copies teacher layers: use student.n_layers<={depth}")
@@ -248,41 +234,52 @@ def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> No
             raise RecipeError(f"student.layers {bad} are not teacher layers (0..{depth - 1})")
         if scfg.layers is not None and len(scfg.layers) != n:
             raise RecipeError(f"student.layers lists {len(scfg.layers)} layers for a {n}-layer student")
+    loss = recipe.loss
+    layer_pairs(loss, n, depth)  # raises on layer_map pairs or a relation layer out of range
+    heads = loss.relation_heads or tconf.num_attention_heads
+    if loss.alpha_relation and (tconf.hidden_size % heads or sconf.dim % heads):
+        raise RecipeError(f"loss.relation_heads={heads} must divide both widths (teacher {tconf.hidden_size}, "
+                          f"student {sconf.dim})")
+    if loss.alpha_value_relation and sconf.n_heads != tconf.num_attention_heads:
+        raise RecipeError(f"loss.alpha_value_relation (MiniLM v1) needs equal head counts (student "
+                          f"{sconf.n_heads}, teacher {tconf.num_attention_heads}); use loss.alpha_relation")
+
+
+def student_config(recipe: Recipe, tconf):
+    """The student's config as `build_student` will make it, read without weights (for `preflight`): a
+    preset (checked against the teacher), a checkpoint directory's config, or one derived from the teacher."""
+    scfg, data = recipe.student, recipe.data
     if scfg.init not in ("teacher", "random"):
         path = Path(scfg.init)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"student.init {scfg.init!r}: use 'teacher', 'random' or a checkpoint directory "
                                     "with a config.json")
-    loss = recipe.loss
-    if loss.alpha_relation or loss.alpha_value_relation:
-        if loss.relation_layer is not None and loss.relation_layer > depth:
-            raise RecipeError(f"loss.relation_layer={loss.relation_layer} is not a teacher layer (1..{depth})")
-        student_dim, student_heads = tconf.hidden_size, tconf.num_attention_heads
-        if scfg.preset:
-            student_dim, student_heads = create_model_config(scfg.preset).dim, create_model_config(scfg.preset).n_heads
-        heads = loss.relation_heads or tconf.num_attention_heads
-        if loss.alpha_relation and (tconf.hidden_size % heads or student_dim % heads):
-            raise RecipeError(f"loss.relation_heads={heads} must divide both widths (teacher {tconf.hidden_size}, "
-                              f"student {student_dim})")
-        if loss.alpha_value_relation and student_heads != tconf.num_attention_heads:
-            raise RecipeError(f"loss.alpha_value_relation (MiniLM v1) needs equal head counts (student "
-                              f"{student_heads}, teacher {tconf.num_attention_heads}); use loss.alpha_relation")
-    if recipe.loss.layer_map is not None and scfg.init in ("teacher", "random"):
-        n_student = scfg.n_layers or (create_model_config(scfg.preset).n_layers if scfg.preset
-                                      else max(1, depth // 2))
-        layer_pairs(recipe.loss, n_student, depth)  # raises on pairs out of range
+        return DistilBertConfig.from_pretrained(path)
+    if not scfg.preset:
+        return config_from_teacher(tconf, n_layers=scfg.n_layers)
+    try:
+        pconf = create_model_config(scfg.preset)
+    except ValueError as e:
+        raise RecipeError(f"student.preset: {e}") from None
+    if pconf.vocab_size != tconf.vocab_size:
+        raise RecipeError(f"student.preset {scfg.preset!r} has {pconf.vocab_size} tokens, the teacher "
+                          f"{tconf.vocab_size}")
+    if scfg.init == "teacher" and (pconf.dim, pconf.n_heads, pconf.hidden_dim) != (
+            tconf.hidden_size, tconf.num_attention_heads, tconf.intermediate_size):
+        raise RecipeError(f"student.preset {scfg.preset!r} ({pconf.dim} wide, {pconf.n_heads} heads) cannot be "
+                          f"initialised from the teacher ({tconf.hidden_size} wide, {tconf.num_attention_heads} "
+                          "heads); use student.init=random or no preset")
+    if pconf.max_position_embeddings < data.max_length:
+        raise RecipeError(f"data.max_length={data.max_length} exceeds student.preset's "
+                          f"{pconf.max_position_embeddings} positions")
+    if scfg.n_layers:
+        pconf.n_layers = scfg.n_layers
+    return pconf
 
 
 def check_resumable(saved: dict, recipe: Recipe) -> None:
     """A run directory is resumed only by the same recipe (up to keys that do not change the math)."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    a, b = dict(flat(saved)), dict(flat(recipe.to_dict()))
+    a, b = tracking.flatten(saved, "."), tracking.flatten(recipe.to_dict(), ".")
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise RecipeError(f"{recipe.output_dir} holds a run with a different recipe ({', '.join(changed[:3])} "
@@ -312,13 +309,6 @@ def read_saved_recipe(run_dir: Path) -> dict | None:
 def _warn_line(message: str) -> None:
     """One warning line that the progress bar does not overwrite."""
     tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
-def check_corpus(corpus, recipe: Recipe) -> None:
-    """An empty validation split (possible for a stream) is an input error, not a run with eval loss 0."""
-    if len(corpus.validation) == 0:
-        raise RecipeError(f"the corpus ({recipe.data.source}) has no validation text (validation_fraction="
-                          f"{recipe.data.validation_fraction}); raise data.validation_fraction or add documents")
 
 
 def adapt_only(recipe: Recipe) -> dict[str, Any]:
@@ -390,7 +380,6 @@ def _train(recipe: Recipe, accelerator: Accelerator, tokenizer, overwrite: bool)
     # --- data, teacher, student
     with accelerator.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer)
-    check_corpus(corpus, recipe)
     if accelerator.is_main_process and (saved is None or saved != recipe.to_dict()):
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())  # (rewritten only when it changes)
     teacher = build_teacher(recipe, tokenizer, corpus, accelerator)

@@ -8,10 +8,7 @@
 # Resumable: finished runs are kept and skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
-  bash scripts/setup.sh
-  PYTHON=.venv/bin/python
-fi
+source scripts/python.sh
 SEEDS=${SEEDS:-56}
 run="$PYTHON distill/run.py"
 args=()

@@ -8,10 +8,7 @@
 #   bash scripts/mlm_loss_study.sh            (PYTHON=python to use an existing environment, e.g. a GPU's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
-  bash scripts/setup.sh
-  PYTHON=.venv/bin/python
-fi
+source scripts/python.sh
 STEPS=${STEPS:-100}
 ADAPT=${ADAPT:-300}
 common=("teacher.adapt.steps=$ADAPT" "train.max_steps=$STEPS" "train.eval_every=$STEPS" "train.save_every=$STEPS"

@@ -56,10 +56,8 @@ def test_hidden_and_logit_mse_and_attention_kl():
         attention_kl_loss(a[:, :1], a, mask)
 
 
-@pytest.mark.parametrize("alphas", [(5.0, 2.0, 0.0), (1.0, 0.0, 0.5), (0.0, 1.0, 0.0)])
-def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
-    monkeypatch.setattr("distill.losses._chunk_rows", lambda V, device: 3)  # force several chunks
-    N, C, Ct, V = 10, 6, 5, 23
+def fused_inputs(N=10, C=6, Ct=5, V=23):
+    """fp64 student rows and projection (requiring grad), teacher rows and projection, labels on 4 rows."""
     h = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
     W = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
     b = torch.randn(V, dtype=torch.float64, requires_grad=True)
@@ -67,6 +65,13 @@ def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
     W_t, b_t = torch.randn(V, Ct, dtype=torch.float64), torch.randn(V, dtype=torch.float64)
     labels = torch.full((N,), -100)
     labels[[1, 4, 5, 9]] = torch.tensor([3, 0, 22, 7])
+    return h, W, b, h_t, W_t, b_t, labels
+
+
+@pytest.mark.parametrize("alphas", [(5.0, 2.0, 0.0), (1.0, 0.0, 0.5), (0.0, 1.0, 0.0)])
+def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
+    monkeypatch.setattr("distill.losses._chunk_rows", lambda V, device: 3)  # force several chunks
+    h, W, b, h_t, W_t, b_t, labels = fused_inputs()
     w = VocabLossWeights(*alphas, temperature=2.0)
     n_ce, n_mlm = 13.0, 6.0  # "global" counts larger than local ones, as with several processes
     total, ce, mlm, mse = fused_vocab_losses(h, W, b, h_t, W_t, b_t, labels, w, n_ce, n_mlm)
@@ -177,15 +182,9 @@ def test_fused_divergences_equal_autograd_on_full_logits(name, masked, monkeypat
     gradients of autograd through the full logits; `masked` scores only the MLM rows, as
     restrict_ce_to_mask does (the caller selects the rows)."""
     monkeypatch.setattr("distill.losses._chunk_rows", lambda V, device: 3)
-    N, C, Ct, V, T = 10, 6, 5, 23, 2.0
-    h = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
-    W = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
-    h_t = torch.randn(N, Ct, dtype=torch.float64)
-    W_t, b_t = torch.randn(V, Ct, dtype=torch.float64), torch.randn(V, dtype=torch.float64)
-    labels = torch.full((N,), -100)
-    labels[[1, 4, 5, 9]] = torch.tensor([3, 0, 22, 7])
-    rows = labels != -100 if masked else torch.ones(N, dtype=torch.bool)
+    T = 2.0
+    h, W, b, h_t, W_t, b_t, labels = fused_inputs()
+    rows = labels != -100 if masked else torch.ones(len(labels), dtype=torch.bool)
     w = VocabLossWeights(5.0, 2.0, 0.0, temperature=T, divergence=name, beta=0.3)
     total, ce, *_ = fused_vocab_losses(h[rows], W, b, h_t[rows], W_t, b_t, labels[rows], w, 13.0, 6.0)
     total.backward()
