@@ -1,7 +1,9 @@
-"""The flat public API (the names the project's README and examples use), re-exported from the packages."""
+"""The flat public API for scripts and notebooks: every name of `students` (the model, its configs,
+initialisation from a teacher), the tokenizer, in-memory data loaders, metrics and AMPTrainer."""
 
+import students
 from distill.amp_trainer import AMPTrainer
-from distill.data import MLMDataset, create_mlm_dataloader
+from distill.loaders import ClassificationDataset, MLMDataset, create_classification_dataloader, create_mlm_dataloader
 from distill.metrics import (
     compute_classification_loss,
     compute_confusion_matrix,
@@ -10,23 +12,11 @@ from distill.metrics import (
     compute_precision_recall_f1,
     evaluate_classification_metrics,
 )
-from distill.tasks import ClassificationDataset, create_classification_dataloader
-from students import (
-    GELU,
-    DistilBERTForMaskedLM,
-    DistilBERTForSequenceClassification,
-    DistilBERTModel,
-    FeedForward,
-    LayerNorm,
-    MultiHeadAttention,
-    TransformerEncoderBlock,
-    config_from_teacher,
-    count_parameters,
-    create_model_config,
-)
+from students import *  # noqa: F403  (the model classes and config helpers, listed in students.__all__)
 from students.tokenizer import get_tokenizer
 
 __all__ = [
+    *students.__all__,
     "AMPTrainer",
     "ClassificationDataset",
     "MLMDataset",
@@ -38,16 +28,5 @@ __all__ = [
     "create_classification_dataloader",
     "create_mlm_dataloader",
     "evaluate_classification_metrics",
-    "GELU",
-    "DistilBERTForMaskedLM",
-    "DistilBERTForSequenceClassification",
-    "DistilBERTModel",
-    "FeedForward",
-    "LayerNorm",
-    "MultiHeadAttention",
-    "TransformerEncoderBlock",
-    "config_from_teacher",
-    "count_parameters",
-    "create_model_config",
     "get_tokenizer",
 ]

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.flops import peak_tflops  # noqa: E402
+from distill.mechanics import OptimizerStep, adamw, parameter_groups  # noqa: E402
 from distill.recipes import LossConfig  # noqa: E402
 from distill.step import DistillationModel, DistillationStep, compile_blocks, layer_pairs  # noqa: E402
-from distill.train import optimizer_groups  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden=32, heads=2, ffn=64, teacher_layers=2, student_layers=1),
@@ -74,14 +74,15 @@ def random_batches(n: int, B: int, L: int, packed: bool, seed: int = 0) -> list[
 
 
 def wiki_batches(n: int, batch: int) -> list[dict[str, torch.Tensor]]:
-    from distill.data import GlobalBatchSampler, build_corpus, token_counts, train_loader
+    from distill.batching import GlobalBatchSampler, train_loader
+    from distill.corpus import build_corpus, token_frequencies
     from distill.masking import MLMCollator
     from distill.recipes import DataConfig, MaskingConfig
     from students.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer("distilbert-base-uncased")
     corpus = build_corpus(DataConfig(max_length=512, packing=False, num_proc=2), tokenizer)
-    collator = MLMCollator(tokenizer, MaskingConfig(), token_counts(corpus.train, len(tokenizer), 10**7))
+    collator = MLMCollator(tokenizer, MaskingConfig(), token_frequencies(corpus.train, len(tokenizer), 10**7))
     loader = iter(train_loader(corpus.train, GlobalBatchSampler(corpus.train["length"], batch, 0, True),
                                collator, 0, 1))
     return [next(loader) for _ in range(n)]
@@ -149,7 +150,7 @@ class Ours:
         pairs = layer_pairs(cfg, self.s["student_layers"], self.s["teacher_layers"])
         model = DistillationModel(self.student, self.s["hidden"], cfg, pairs, self.kernel).train()
         # lr 0: the update still runs in full; the weights stay where they are across settings
-        opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=0.0, betas=(0.9, 0.98), eps=1e-6, fused=True)
+        opt = adamw(parameter_groups(model, 0.0), 0.0, (0.9, 0.98), 1e-6, fused=True)
         model, opt = self.accelerator.prepare(model, opt)
         return DistillationStep(self.accelerator, model, self.teacher, opt, clip_grad_norm=5.0,
                                 teacher_autocast=self.teacher_autocast)
@@ -202,7 +203,7 @@ class Reference:
 
         student, bert, device = self.student, self.bert, self.device
         cfg = LossConfig(restrict_ce_to_mask=mode == "masked")
-        opt = torch.optim.AdamW(optimizer_groups(student, 0.0), lr=0.0, betas=(0.9, 0.98), eps=1e-6, fused=True)
+        opt = OptimizerStep(adamw(parameter_groups(student, 0.0), 0.0, (0.9, 0.98), 1e-6, fused=True), None, 5.0)
         flops = []
 
         def one(i: int) -> None:
@@ -223,9 +224,7 @@ class Reference:
                 cos = F.cosine_embedding_loss(hs, ht, hs.new_ones(hs.shape[0]))
                 loss = 5.0 * ce + 2.0 * mlm + 1.0 * cos
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt(student.parameters())  # clip -> step -> zero, as the product's step
             lengths = data[i]["attention_mask"].sum(1).double()
             rows = int(lengths.sum()) if mode == "all" else int((data[i]["labels"] != -100).sum())
             flops.append(step_flops(cfg=cfg, n_tokens=float(lengths.sum()), sum_sq_len=float((lengths**2).sum()),

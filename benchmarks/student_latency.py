@@ -4,7 +4,7 @@
     python benchmarks/student_latency.py --device cuda --bf16 --repeats 50
 
 Prints the median latency (ms) at batch 1 and 32, sequence 128, for both, and ours/theirs ratios.
-Both run in the same process, in interleaved rounds (distill.report.latency), under torch.inference_mode,
+Both run in the same process, in interleaved rounds (distill.mechanics.latency), under torch.inference_mode,
 fp32 unless --bf16 (weights in bf16); transformers with SDPA attention.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import torch
 import transformers
 
-from distill.report import latency
+from distill.mechanics import latency
 from students import DistilBERTModel, create_model_config
 
 

@@ -14,7 +14,7 @@ import time
 
 import datasets
 
-from distill.data import build_corpus, load_wiki_summaries, tokenize_and_chunk
+from distill.corpus import build_corpus, load_wiki_summaries, tokenize_and_chunk
 from distill.recipes import DataConfig
 from students.tokenizer import get_tokenizer
 

@@ -1,20 +1,20 @@
-"""`AMPTrainer`: the seed API's small mixed-precision trainer for MLM and classification models.
+"""`AMPTrainer`: the flat API's small mixed-precision trainer for MLM and classification models.
 
 It is for scripts and notebooks (see examples/train_distilbert.py); the recipe-driven runs use
-distill.train (distillation) and distill.finetune (fine-tuning) on Accelerate.
+distill.train (distillation) and distill.downstream.finetune (fine-tuning) on Accelerate.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Literal
 
 import torch
 
+from distill.mechanics import DTYPES, OptimizerStep, require_finite
 from distill.metrics import compute_mlm_loader_loss, evaluate_classification_metrics
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 class AMPTrainer:
@@ -28,8 +28,8 @@ class AMPTrainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  precision: Literal["fp16", "bf16", "fp32"] = "bf16", scheduler: Any = None,
                  max_grad_norm: float | None = 1.0, device: str | torch.device | None = None):
-        if precision not in DTYPES:
-            raise ValueError(f"precision={precision!r}; choose one of {list(DTYPES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}; choose one of {list(PRECISIONS)}")
         self.device = torch.device(device) if device else next(model.parameters()).device
         if precision == "fp16" and self.device.type == "cpu":
             raise ValueError("fp16 autocast needs a GPU; use precision='bf16' or 'fp32' on CPU")
@@ -37,13 +37,13 @@ class AMPTrainer:
         self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
         self.precision = precision
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.optimizer_step = OptimizerStep(optimizer, scheduler, max_grad_norm, scaler=self.scaler)
         self.step_count = 0
 
     def autocast(self):
-        dtype = DTYPES[self.precision]
-        if dtype is None:
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimizer step on one batch; returns the loss (the model's own: MLM or classification)."""
@@ -51,17 +51,9 @@ class AMPTrainer:
         b = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast():
             loss = self.model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss at step {self.step_count + 1}")
+        require_finite(loss.item(), self.step_count + 1, "Try a lower learning rate, or precision='fp32'")
         self.scaler.scale(loss).backward()
-        if self.max_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self.optimizer_step(self.model.parameters())
         self.step_count += 1
         return loss.item()
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -47,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from distill.mechanics import commit_directory, temp_directory
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: in
     if parts.is_main:
         for stale in final.parent.glob("step-*.tmp") if final.parent.is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)  # saves that a kill interrupted (never complete)
-        tmp.mkdir(parents=True)
+        tmp = temp_directory(final)
     parts.barrier()
     tensors, meta = rng_files()
     save_file(tensors, str(tmp / f"rng-{parts.rank}.safetensors"))
@@ -226,25 +227,25 @@ def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: in
         manifest = {"format": FORMAT, "step": step, "world": parts.world,
                     "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
         _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(final.parent)
+        commit_directory(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     parts.barrier()
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's files and the directory entry itself to disk."""
-    for p in [*(f for f in path.iterdir() if f.is_file()), path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+class Checkpointer:
+    """Saves on its own cadence: every `every` steps, at the last step, and when forced (a stop signal).
+    Call `maybe_save` on every process after each step."""
+
+    def __init__(self, parts: Parts, run_dir: Path, every: int, last_step: int, keep: int):
+        self.parts, self.run_dir, self.every, self.last_step, self.keep = parts, Path(run_dir), every, last_step, keep
+
+    def maybe_save(self, step: int, state: dict[str, Any], force: bool = False) -> Path | None:
+        if not (force or step % self.every == 0 or step == self.last_step):
+            return None
+        state["step"] = step
+        return save(self.parts, self.run_dir, step, state, self.keep)
 
 
 # ------------------------------------------------------------------------------------------ loading

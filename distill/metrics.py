@@ -1,9 +1,11 @@
-"""Evaluation metrics and losses of the seed API (checked against scikit-learn in the tests)."""
+"""Evaluation metrics: classification (checked against scikit-learn in the tests) and the one masked-LM
+evaluator that distillation, teacher adaptation, the report and the flat API share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,45 +62,64 @@ def compute_mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
 
 
+class MaskedLM(Protocol):
+    """What the masked-LM evaluator needs: the encoder's last hidden state, and the MLM head applied to
+    any rows of it (so only the masked positions are projected onto the vocabulary). Implemented by the
+    student (`students.DistilBERTForMaskedLM`) and the teacher (`teachers.Teacher`)."""
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def predict_tokens(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def masked_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  rows: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) at the positions `rows` (B, T) selects: through the `MaskedLM` protocol, a transformers
+    `BertForMaskedLM` (a teacher being adapted), or, for any other masked LM, its full logits."""
+    if hasattr(model, "encode") and hasattr(model, "predict_tokens"):
+        return model.predict_tokens(model.encode(input_ids, attention_mask)[rows])
+    if hasattr(model, "bert") and hasattr(model, "cls"):
+        return model.cls(model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows])
+    return model(input_ids, attention_mask=attention_mask).logits[rows]
+
+
 @torch.no_grad()
-def evaluate_mlm(predict: Callable, encode: Callable, batches: list[list[dict]], collator: Callable,
-                 device: torch.device) -> dict[str, float]:
-    """Masked-token loss and top-1 accuracy over fixed held-out batches of examples (masked by
-    `collator`); `encode(ids, mask)` -> last hidden state, `predict(rows)` -> logits of those rows only."""
+def masked_lm_metrics(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Masked-token cross-entropy (summed over tokens, then divided by their number) and top-1 accuracy of
+    a masked LM over collated batches {input_ids, attention_mask, labels (-100: not scored)}, in eval mode
+    (a module's training mode is restored after)."""
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     loss = correct = total = 0.0
-    for examples in batches:
-        b = {k: v.to(device) for k, v in collator(examples).items()}
+    for batch in batches:
+        b = {k: v.to(device) for k, v in batch.items()}
         rows = b["labels"] != -100
-        logits = predict(encode(b["input_ids"], b["attention_mask"])[rows]).float()  # (N, V)
+        logits = masked_logits(model, b["input_ids"], b["attention_mask"], rows).float()  # (N, V)
         target = b["labels"][rows]
         loss += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(-1) == target).sum().item()
         total += target.numel()
+    if isinstance(model, torch.nn.Module):
+        model.train(was_training)
     return {"mlm_loss": loss / max(total, 1), "mlm_accuracy": correct / max(total, 1), "tokens": int(total)}
+
+
+def evaluate_mlm(model: Any, batches: list[list[dict]], collator: Callable, device: torch.device) -> dict[str, float]:
+    """`masked_lm_metrics` over fixed held-out batches of examples, masked by `collator` (their seeds fix
+    the masks, so every evaluation scores the same tokens)."""
+    return masked_lm_metrics(model, (collator(examples) for examples in batches), device)
+
+
+def compute_mlm_loader_loss(model: torch.nn.Module, dataloader) -> dict[str, float]:
+    """Token-weighted masked-LM loss, perplexity and top-1 accuracy of an MLM model over a loader."""
+    m = masked_lm_metrics(model, dataloader, _device(model))
+    return {"loss": m["mlm_loss"], "perplexity": math.exp(m["mlm_loss"]), "accuracy": m["mlm_accuracy"],
+            "tokens": m["tokens"]}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@torch.no_grad()
-def compute_mlm_loader_loss(model: torch.nn.Module, dataloader) -> dict[str, float]:
-    """Token-weighted masked-LM loss, perplexity and top-1 accuracy of an MLM model over a loader."""
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in dataloader:
-        b = {k: v.to(device) for k, v in batch.items()}
-        logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
-        keep = b["labels"] != -100
-        loss_sum += F.cross_entropy(logits[keep].float(), b["labels"][keep], reduction="sum").item()
-        correct += (logits[keep].argmax(-1) == b["labels"][keep]).sum().item()
-        count += int(keep.sum())
-    model.train(was_training)
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "accuracy": correct / max(count, 1),
-            "tokens": count}
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@
     --verbose     the libraries' INFO logs and progress bars too (transformers, datasets, accelerate)
 Messages and progress go to stderr; stdout carries only the final JSON summary.
 Recipes of kind `distill` run the distiller (distill.train.train); kind `finetune` fine-tunes and
-evaluates a classifier (distill.finetune.finetune). Bad input ends with one line on stderr and exit 2.
+evaluates a classifier (distill.downstream.finetune.finetune). Bad input ends with one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags may sit between the recipe and its overrides
     configure_logging(args.verbose)
 
-    from distill.recipes import RecipeError, resolve
+    from distill.recipe_loader import resolve
+    from distill.recipes import RecipeError
 
     try:
         recipe = resolve(args.recipe, args.overrides)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             from distill.train import adapt_only as job
             summary = job(recipe)
         elif recipe.kind == "finetune":
-            from distill.finetune import finetune as job
+            from distill.downstream.finetune import finetune as job
             summary = job(recipe)
         else:
             from distill.train import train as job

@@ -116,6 +116,13 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def agreed(self, accelerator) -> bool:
+        """Whether any process received a signal (all processes must stop at the same step)."""
+        import torch
+
+        flag = torch.tensor(float(self.signum > 0), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum") > 0)
+
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)

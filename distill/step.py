@@ -1,13 +1,13 @@
 """One distillation step, shared by the trainer (distill.train) and the benchmarks:
 
-    prepare (host)    layout of the real tokens, scored rows, counts and FLOPs, from the CPU batch
+    prepare (host)    layout of the real tokens, scored rows, loss normalisers and FLOPs, from the CPU batch
     step (device)     for each micro-batch: teacher forward on the real tokens -> student forward -> losses
                       -> backward; then clip -> one read of the step's numbers -> optimizer and LR step
 
 Everything the device step needs to know about shapes (how many real tokens, which rows the vocabulary
 losses score, the longest sequence) is computed on the host from the CPU batch, so the step never waits
-for the GPU until its one read at the end (loss values, gradient norm and the global counts, needed to stop
-on a non-finite loss before the optimizer applies it). The losses are divided by counts summed over all
+for the GPU until its one read at the end (loss values, gradient norm and the global normalisers, needed to
+stop on a non-finite loss before the optimizer applies it). The losses are divided by normalisers summed over all
 processes and micro-batches of the optimizer step, so one process and N processes with the same global
 batch compute the same loss and gradients.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ from distill.losses import (
     minilm_v2_loss,
     value_relation_loss,
 )
+from distill.mechanics import NonFiniteLoss, OptimizerStep, require_finite
 from distill.recipes import LossConfig, RecipeError
 from students.modeling import DistilBERTForMaskedLM, TokenLayout
 from teachers.teacher import Teacher
@@ -69,7 +69,7 @@ class StepBatch:
 
     Hidden states of both models are token rows (N, C) in `layout` order (padding never computed). The
     vocabulary losses score `scored` rows of those (None: every real token) with MLM targets `labels`.
-    `counts` = (scored rows, MLM targets, real tokens, model FLOPs of the step on this micro-batch), float32
+    `norms` = (scored rows, MLM targets, real tokens, model FLOPs of the step on this micro-batch), float32
     on the device: summed over micro-batches and processes they are the losses' normalisers."""
 
     input_ids: torch.Tensor  # (B, T)
@@ -77,7 +77,7 @@ class StepBatch:
     layout: TokenLayout
     scored: torch.Tensor | None  # (R,) indices into the N token rows; None: all N
     labels: torch.Tensor  # (R,) MLM targets of the scored rows, -100 where none
-    counts: torch.Tensor  # (4,) float32
+    norms: torch.Tensor  # (4,) float32
 
 
 @dataclass
@@ -104,12 +104,6 @@ class StepResult:
     flops: float  # model FLOPs over all processes and micro-batches (distill.flops)
 
 
-class NonFiniteLoss(FloatingPointError):
-    def __init__(self, values: dict[str, float]):
-        super().__init__(f"non-finite loss ({values})")
-        self.values = values
-
-
 # ------------------------------------------------------------------------------------------ the model
 class DistillationModel(nn.Module):
     """What trains: the student, plus projections for hidden-state MSE between different widths.
@@ -131,10 +125,10 @@ class DistillationModel(nn.Module):
         self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature, loss_kernel,
                                         cfg.divergence, cfg.jsd_beta)
 
-    def forward(self, batch: StepBatch, t: TeacherOutputs, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """counts: (4,) global normalisers of this optimizer step (StepBatch.counts summed)."""
+    def forward(self, batch: StepBatch, t: TeacherOutputs, norms: torch.Tensor) -> dict[str, torch.Tensor]:
+        """norms: (4,) global normalisers of this optimizer step (StepBatch.norms summed)."""
         cfg, layout = self.cfg, batch.layout
-        n_rows, n_mlm, n_tokens = counts[0], counts[1], counts[2]
+        n_rows, n_mlm, n_tokens = norms[0], norms[1], norms[2]
         attentions = None
         if cfg.alpha_attn:  # attention probabilities need the (B, T) layout; the losses then take rows
             out = self.student.distilbert(batch.input_ids, batch.attention_mask, output_hidden_states=True,
@@ -148,7 +142,7 @@ class DistillationModel(nn.Module):
             total, ce, mlm, mse = fused_vocab_losses(self.student.transform(last), proj.weight, proj.bias, t.rows, t.W,
                                                      t.b, batch.labels, self.weights, n_rows, n_mlm)
         else:
-            total = ce = mlm = mse = counts.new_zeros(())
+            total = ce = mlm = mse = norms.new_zeros(())
         losses = {"ce": ce, "mlm": mlm, "mse": mse}
         if cfg.alpha_cos:
             cos = sum(cosine_loss(hidden[i], t.hidden[j], None, n_tokens)
@@ -236,7 +230,7 @@ class DistillationStep:
         # residual stream in fp32: on an H100, 32x128 steps took 20 % longer, 128x512 ones 2 %).
         half_teacher = teacher.projector[0].dtype in (torch.float16, torch.bfloat16)
         self.teacher_autocast = not half_teacher if teacher_autocast is None else teacher_autocast
-        self.optimizer, self.scheduler, self.clip = optimizer, scheduler, clip_grad_norm
+        self.optimizer_step = OptimizerStep(optimizer, scheduler, clip_grad_norm, accelerator=accelerator)
         inner: DistillationModel = accelerator.unwrap_model(model)
         self.cfg, self.pairs, self.weights = inner.cfg, inner.pairs, inner.weights
         self.device = accelerator.device
@@ -261,20 +255,20 @@ class DistillationStep:
         lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).double()
         flops = step_flops(n_tokens=layout.n_tokens, sum_sq_len=float((lengths**2).sum()), n_rows=len(labels),
                            **self._flops)["total"]
-        counts = torch.tensor([len(labels), float(labelled.sum()), layout.n_tokens, flops], dtype=torch.float32)
-        tensors = [batch["input_ids"], batch["attention_mask"], labels, counts]
+        norms = torch.tensor([len(labels), float(labelled.sum()), layout.n_tokens, flops], dtype=torch.float32)
+        tensors = [batch["input_ids"], batch["attention_mask"], labels, norms]
         if scored is not None:
             tensors.append(scored)
         if self.pin:
             tensors = [x.pin_memory() for x in tensors]
             layout = layout.pin_memory()
         moved = [x.to(self.device, non_blocking=True) for x in tensors]
-        return StepBatch(input_ids=moved[0], attention_mask=moved[1], labels=moved[2], counts=moved[3],
+        return StepBatch(input_ids=moved[0], attention_mask=moved[1], labels=moved[2], norms=moved[3],
                          scored=moved[4] if scored is not None else None,
                          layout=layout.to(self.device, non_blocking=True))
 
-    def next_step(self, source: Iterator[dict[str, torch.Tensor]], grad_accum: int = 1,
-                  last: bool = False) -> StepResult:
+    def next_step(self, source: Iterator[dict[str, torch.Tensor]], grad_accum: int = 1, last: bool = False,
+                  step: int = 0) -> StepResult:
         """One optimizer step on the next `grad_accum` CPU batches of `source`, as the trainer runs it: unless
         this is the `last` step, the following step's batches are collated and copied while the device works
         on this one (before the step's one read)."""
@@ -285,18 +279,19 @@ class DistillationStep:
             if not last:
                 self._upcoming = [self.prepare(next(source)) for _ in range(grad_accum)]
 
-        return self(micro, before_sync=prefetch)
+        return self(micro, before_sync=prefetch, step=step)
 
     # -------------------------------------------------------------------- device side
-    def __call__(self, micro: list[StepBatch], before_sync: Callable[[], Any] | None = None) -> StepResult:
-        """One optimizer step over `micro` (gradient accumulation). `before_sync` runs after the last backward
-        is enqueued and before the step's one read from the device (e.g. to prepare the next batches while
-        the GPU works). Raises NonFiniteLoss, without updating, when the loss is not finite."""
+    def __call__(self, micro: list[StepBatch], before_sync: Callable[[], Any] | None = None,
+                 step: int = 0) -> StepResult:
+        """Optimizer step number `step` over `micro` (gradient accumulation). `before_sync` runs after the last
+        backward is enqueued and before the step's one read from the device (e.g. to prepare the next batches
+        while the GPU works). Raises NonFiniteLoss, without updating, when the loss is not finite."""
         acc, model = self.accelerator, self.model
         world = acc.num_processes
-        counts = torch.stack([b.counts for b in micro]).sum(0)
+        norms = torch.stack([b.norms for b in micro]).sum(0)
         if world > 1:
-            counts = acc.reduce(counts, "sum")
+            norms = acc.reduce(norms, "sum")
         logged: dict[str, torch.Tensor] = {}
         for i, b in enumerate(micro):
             sync = i == len(micro) - 1
@@ -304,31 +299,30 @@ class DistillationStep:
                 with torch.autocast(self.device.type, enabled=False) if not self.teacher_autocast else \
                         contextlib.nullcontext():
                     t = teacher_outputs(self.teacher, b, self.cfg, self.pairs, self.weights)
-                losses = model(b, t, counts)
+                losses = model(b, t, norms)
                 # Each process's loss is its share of a global mean; DDP averages gradients over
                 # processes, so scale by their number to get the gradient of the global mean.
                 acc.backward(losses["total"] * world)
             for k, v in losses.items():
                 logged[k] = logged.get(k, 0) + v.detach().float()
-        grad_norm = acc.clip_grad_norm_(model.parameters(), self.clip)
+        grad_norm = self.optimizer_step.clip(model.parameters())
         reduced = torch.stack(list(logged.values()))
         if world > 1:
             reduced = acc.reduce(reduced, "sum")
         if before_sync is not None:
             before_sync()
         numbers = torch.cat([reduced, torch.as_tensor(grad_norm, device=reduced.device).float().reshape(1),
-                             counts]).tolist()  # the step's one host synchronisation
+                             norms]).tolist()  # the step's one host synchronisation
         values = dict(zip(logged, numbers[: len(logged)]))
-        norm, rows, mlm, tokens, flops = numbers[len(logged):]
-        if not math.isfinite(values["total"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(values)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(losses=values, grad_norm=norm, rows=int(rows), mlm_tokens=int(mlm), tokens=int(tokens),
-                          flops=flops)
+        grad_norm, rows, mlm, tokens, flops = numbers[len(logged):]
+        try:
+            require_finite(values, step, "Try a lower train.lr, or train.mixed_precision=no.")
+        except NonFiniteLoss:
+            self.optimizer_step.discard()
+            raise
+        self.optimizer_step.apply()
+        return StepResult(losses=values, grad_norm=grad_norm, rows=int(rows), mlm_tokens=int(mlm),
+                          tokens=int(tokens), flops=flops)
 
 
 def compile_blocks(modules: list[nn.Module], dynamic: bool | None = True) -> None:

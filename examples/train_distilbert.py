@@ -18,8 +18,8 @@ from distilbert_kit import (
     evaluate_classification_metrics,
     get_tokenizer,
 )
+from distill.downstream.tasks import load_classification
 from distill.recipes import TaskConfig
-from distill.tasks import load_classification
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", help="a DistilBERT checkpoint directory to start from (default: random init)")

@@ -27,6 +27,6 @@ first=$(echo "$SEEDS" | awk '{print $1}')
 base="runs/ablation/triple-seed$first"
 [ -f runs/ablation/teacher-topics/results.json ] || $run recipes/finetune/wiki-topics.yaml \
     "model=$base/teacher" output_dir=runs/ablation/teacher-topics
-$PYTHON -m distill.report --teacher "$base/teacher" --student "$base/student" \
+$PYTHON -m distill.downstream.report --teacher "$base/teacher" --student "$base/student" \
   --distill-run "$base" --teacher-finetune runs/ablation/teacher-topics \
   --student-finetune "$base-topics" "${args[@]}" --output runs/ablation/report

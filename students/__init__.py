@@ -1,6 +1,6 @@
 """The DistilBERT student: model, configs, initialisation from a teacher."""
 
-from students.config import PRESETS, config_from_teacher, count_parameters, create_model_config
+from students.config import PRESETS, config_from_teacher, count_parameters, create_model_config, half_depth
 from students.init import default_layers, init_from_teacher
 from students.modeling import (
     GELU,
@@ -26,6 +26,7 @@ __all__ = [
     "config_from_teacher",
     "count_parameters",
     "create_model_config",
+    "half_depth",
     "default_layers",
     "init_from_teacher",
 ]

@@ -36,6 +36,11 @@ def create_model_config(name: str, **overrides) -> DistilBertConfig:
     return DistilBertConfig(**{**PRESETS[name], **overrides})
 
 
+def half_depth(n_teacher_layers: int) -> int:
+    """The default student depth: half the teacher's, at least one layer (DistilBERT: 12 -> 6)."""
+    return max(1, n_teacher_layers // 2)
+
+
 def config_from_teacher(teacher_config: PretrainedConfig, n_layers: int | None = None) -> DistilBertConfig:
     """A student config with the teacher's width, heads, FFN size, vocabulary and positions, and half its
     depth unless `n_layers` is given. Refuses teachers whose blocks DistilBERT cannot represent."""
@@ -46,7 +51,7 @@ def config_from_teacher(teacher_config: PretrainedConfig, n_layers: int | None =
         raise ValueError(f"teacher layer_norm_eps={c.layer_norm_eps}: the DistilBERT student uses 1e-12")
     if getattr(c, "position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"teacher position_embedding_type={c.position_embedding_type!r}: only 'absolute' is supported")
-    n_layers = n_layers if n_layers is not None else max(1, c.num_hidden_layers // 2)
+    n_layers = n_layers if n_layers is not None else half_depth(c.num_hidden_layers)
     return DistilBertConfig(
         vocab_size=c.vocab_size,
         dim=c.hidden_size,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import BertForMaskedLM, DistilBertConfig
 
-from students.config import config_from_teacher
+from students.config import config_from_teacher, half_depth
 from students.modeling import DistilBERTForMaskedLM
 
 # student key -> teacher key, for the embeddings and the MLM head.
@@ -96,7 +96,7 @@ def init_from_teacher(teacher, layers: list[int] | None = None,
     c = model.config
     n_teacher = c.num_hidden_layers
     if layers is None:
-        layers = default_layers(n_teacher, max(1, n_teacher // 2))
+        layers = default_layers(n_teacher, half_depth(n_teacher))
     layers = list(layers)
     if not layers or any(not 0 <= i < n_teacher for i in layers):
         raise ValueError(f"student layers {layers} must be non-empty indices in [0, {n_teacher - 1}]")

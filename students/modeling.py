@@ -478,15 +478,45 @@ class DistilBERTModel(DistilBERTPreTrainedModel):
         return tuple(hidden_states)
 
 
-class DistilBERTForMaskedLM(DistilBERTPreTrainedModel):
+class DistilBERTTaskModel(DistilBERTPreTrainedModel):
+    """The encoder plus a task head. Subclasses give `head` (last hidden state -> logits), `task_loss` and
+    `output_type`; the forward pass is the same for every task."""
+
+    output_type: type = BaseModelOutput
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """input_ids, attention_mask: (B, T); labels as the task defines them; gives `.loss` with labels."""
+        out = self.distilbert(input_ids, attention_mask, position_ids, output_hidden_states, output_attentions)
+        logits = self.head(out.last_hidden_state)
+        loss = None if labels is None else self.task_loss(logits, labels)
+        return self.output_type(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class DistilBERTForMaskedLM(DistilBERTTaskModel):
     """Encoder + MLM head (vocab_transform -> GELU -> vocab_layer_norm -> vocab_projector tied to the
-    word embeddings). `predict_tokens` applies the head to any hidden rows, so distillation can score only
-    the positions it needs instead of all B*T*V logits."""
+    word embeddings). `encode` and `predict_tokens` apply the encoder and the head separately (the masked-LM
+    protocol of distill.metrics), so distillation and evaluation score only the positions they need instead
+    of all B*T*V logits."""
 
     head_keys = ("vocab_transform", "vocab_layer_norm", "vocab_projector")
     tied_keys = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
     _tied_weights_keys = tied_keys
     hf_architecture = "DistilBertForMaskedLM"
+    output_type = MaskedLMOutput
 
     def __init__(self, config: DistilBertConfig, **config_overrides):
         super().__init__(config, **config_overrides)
@@ -498,6 +528,10 @@ class DistilBERTForMaskedLM(DistilBERTPreTrainedModel):
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
         self.post_init()
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden state (B, T, C)."""
+        return self.distilbert(input_ids, attention_mask).last_hidden_state
+
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head up to (excluding) the vocabulary projection: (..., C) -> (..., C)."""
         return self.vocab_layer_norm(self.activation(self.vocab_transform(hidden)))
@@ -506,25 +540,14 @@ class DistilBERTForMaskedLM(DistilBERTPreTrainedModel):
         """MLM logits for any hidden rows: (..., C) -> (..., V)."""
         return self.vocab_projector(self.transform(hidden))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> MaskedLMOutput:
-        """labels: (B, T) token ids at the masked positions, -100 elsewhere; gives `.loss` (mean CE)."""
-        out = self.distilbert(input_ids, attention_mask, position_ids, output_hidden_states, output_attentions)
-        logits = self.predict_tokens(out.last_hidden_state)  # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+    head = predict_tokens  # (B, T, C) -> (B, T, V)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the masked positions; labels (B, T): token ids there, -100 elsewhere."""
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
 
 
-class DistilBERTForSequenceClassification(DistilBERTPreTrainedModel):
+class DistilBERTForSequenceClassification(DistilBERTTaskModel):
     """Encoder + classifier on the [CLS] state: pre_classifier -> ReLU -> dropout -> classifier.
 
     `config.num_labels == 1` is regression (MSE), otherwise single-label classification (cross-entropy).
@@ -532,6 +555,7 @@ class DistilBERTForSequenceClassification(DistilBERTPreTrainedModel):
 
     head_keys = ("pre_classifier", "classifier")
     hf_architecture = "DistilBertForSequenceClassification"
+    output_type = SequenceClassifierOutput
 
     def __init__(self, config: DistilBertConfig, **config_overrides):
         super().__init__(config, **config_overrides)
@@ -543,24 +567,12 @@ class DistilBERTForSequenceClassification(DistilBERTPreTrainedModel):
         self.dropout = nn.Dropout(config.seq_classif_dropout)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> SequenceClassifierOutput:
-        out = self.distilbert(input_ids, attention_mask, position_ids, output_hidden_states, output_attentions)
-        cls = out.last_hidden_state[:, 0]  # (B, C)
-        logits = self.classifier(self.dropout(F.relu(self.pre_classifier(cls))))  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
-        )
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        cls = hidden[:, 0]  # (B, C)
+        return self.classifier(self.dropout(F.relu(self.pre_classifier(cls))))  # (B, num_labels)
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,): class ids (cross-entropy), or targets when num_labels == 1 (MSE)."""
+        if self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.float())
+        return F.cross_entropy(logits, labels)

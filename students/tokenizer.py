@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from students.offline import minilm_dir
+from resources import minilm_dir
 
 logger = logging.getLogger(__name__)
 

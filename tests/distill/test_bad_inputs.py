@@ -26,7 +26,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from distill import run as run_mod
-from distill.recipes import resolve
+from distill.recipe_loader import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "recipes" / "tiny.yaml"

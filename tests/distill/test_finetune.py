@@ -9,8 +9,9 @@ import pytest
 import transformers
 from transformers import DistilBertConfig
 
-from distill.recipes import resolve
-from distill.tasks import TaskConfig, load_classification
+from distill.downstream.tasks import load_classification
+from distill.recipe_loader import resolve
+from distill.recipes import TaskConfig
 from students import DistilBERTForMaskedLM
 from tests.distill.test_train import ROOT, env
 
@@ -66,7 +67,7 @@ def test_task_distillation_recipe_resolves(tmp_path):
 
 
 def test_task_specific_distillation_from_a_finetuned_teacher(tiny_teacher_dir, tiny_student, tmp_path):
-    from distill.finetune import finetune
+    from distill.downstream.finetune import finetune
 
     common = ["task.max_train_examples=48", "task.max_length=32", "train.epochs=1", "train.batch_size=16",
               "tracking.wandb=false"]
@@ -84,7 +85,7 @@ def test_task_specific_distillation_from_a_finetuned_teacher(tiny_teacher_dir, t
 def test_stratified_subset_keeps_every_class_and_the_proportions(n):
     from collections import Counter
 
-    from distill.tasks import stratified_indices
+    from distill.downstream.tasks import stratified_indices
 
     labels = [0] * 500 + [1] * 300 + [2] * 150 + [3] * 40 + [4] * 10
     keep = stratified_indices(labels, n, seed=3)
@@ -120,7 +121,7 @@ def test_finetune_logs_test_tables_summary_group_and_model_to_wandb(tiny_student
     import wandb
 
     from distill import tracking
-    from distill.finetune import finetune
+    from distill.downstream.finetune import finetune
 
     run = FakeRun()
     monkeypatch.setattr(tracking, "run_of", lambda accelerator: run)

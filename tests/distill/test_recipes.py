@@ -1,6 +1,7 @@
 import pytest
 
-from distill.recipes import Recipe, RecipeError, resolve
+from distill.recipe_loader import resolve
+from distill.recipes import Recipe, RecipeError
 
 
 def write(tmp_path, name, text):
@@ -79,14 +80,17 @@ def test_ablation_recipes_change_one_thing_each():
 
 
 def test_speed_settings_and_earlier_versions_keys_do_not_block_resuming():
-    from distill.recipes import Recipe
-    from distill.train import check_resumable
+    from distill.recipes import AdaptConfig, Recipe, TeacherConfig
+    from distill.build import check_resumable
 
     saved = Recipe().to_dict()
     del saved["train"]["loss_kernel"]
+    del saved["teacher"]["adapt"]["betas"]  # a key added since the run started, at its default
     saved["train"]["compile_loss"] = False  # written by runs of earlier versions
     saved["train"]["compile"] = False
     check_resumable(saved, Recipe())
+    with pytest.raises(ValueError, match="teacher.adapt.betas"):
+        check_resumable(saved, Recipe(teacher=TeacherConfig(adapt=AdaptConfig(betas=[0.9, 0.999]))))
     saved["train"]["lr"] = 1.0
     with pytest.raises(ValueError, match="train.lr"):
         check_resumable(saved, Recipe())

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from distill import report
-from distill.finetune import finetune
-from distill.recipes import resolve
+from distill.downstream import measure, render, report
+from distill.downstream.finetune import finetune
+from distill.recipe_loader import resolve
 from distill.train import train
 from tests.distill.test_train import ROOT, recipe
 
@@ -78,13 +78,13 @@ def test_ablation_intervals_across_seeds_and_single_runs(tmp_path):
     def spec(name, pairs):
         return f"{name}={'+'.join(str(d) for d, _ in pairs)},{'+'.join(str(f) for _, f in pairs)}"
 
-    lines = report.ablation_table([report.parse_ablation(spec("base", base)),
-                                   report.parse_ablation(spec("better", better))])
+    lines = render.ablation_table([measure.parse_ablation(spec("base", base)),
+                                   measure.parse_ablation(spec("better", better))])
     row = [x for x in lines if x.startswith("| better |")][0]
     # MLM +6.3 points across 3 seeds: resolved; topics +0.2 points with seed noise of ~0.5: not resolved
     assert "| 3 | 33.3 ± " in row and "+6.3 ± " in row and "| +0.2 ± " in row and row.count("✓") == 1
-    single = report.ablation_table([report.parse_ablation(spec("base", base[:1])),
-                                    report.parse_ablation(spec("better", better[:1]))])
+    single = render.ablation_table([measure.parse_ablation(spec("base", base[:1])),
+                                    measure.parse_ablation(spec("better", better[:1]))])
     row = [x for x in single if x.startswith("| better |")][0]
     # one run each: MLM 33.0 vs 27.0 on 40,000 tokens (resolved); topics 93.2 vs 93.0 on the same 925 test
     # examples (862 vs 860 correct, the 860 a subset of the 862): +0.2 points, unresolved

@@ -180,7 +180,7 @@ def test_flop_count_matches_flop_counter_mode(mode):
     rows = int(packed["attention_mask"].sum() if mode == "all" else (packed["labels"] != -100).sum())
     ours = step_flops(n_tokens=64, sum_sq_len=4 * 16**2, n_rows=rows, **shapes)["total"]
     assert ours == pytest.approx(counted_flops(step, packed), rel=0.05)
-    assert step.prepare(packed).counts[3].item() == pytest.approx(ours, rel=1e-6)
+    assert step.prepare(packed).norms[3].item() == pytest.approx(ours, rel=1e-6)
 
     # Padded: the analytic count is of the real tokens only (attention on each sequence's real length),
     # which is what the counter sees when every sequence runs on its own, unpadded.
@@ -192,7 +192,7 @@ def test_flop_count_matches_flop_counter_mode(mode):
     ours = step_flops(n_tokens=sum(lengths), sum_sq_len=sum(n * n for n in lengths),
                       n_rows=sum(lengths) if mode == "all" else sum(labelled), **shapes)["total"]
     assert ours == pytest.approx(per_sequence, rel=0.05)
-    assert step.prepare(padded).counts[3].item() == pytest.approx(ours, rel=1e-6)
+    assert step.prepare(padded).norms[3].item() == pytest.approx(ours, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from distill import step as step_mod
 from distill import train as train_mod
-from distill.recipes import resolve
+from distill.recipe_loader import resolve
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,7 +179,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
 def test_wandb_offline_run_and_lazy_import(tiny_teacher_dir, tmp_path):
     code = (
         "import sys\n"
-        "from distill.recipes import resolve\n"
+        "from distill.recipe_loader import resolve\n"
         "from distill.train import train\n"
         f"r = resolve({str(TINY)!r}, ['teacher.name_or_path={tiny_teacher_dir}', 'output_dir={tmp_path / 'w'}',\n"
         "    'train.max_steps=2', 'tracking.wandb=' + sys.argv[1]])\n"

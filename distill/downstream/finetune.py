@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,11 +26,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from distill import hub, tracking
+from distill.downstream.tasks import load_classification, split_loader
 from distill.losses import soft_target_loss
+from distill.mechanics import (
+    OptimizerStep,
+    adamw,
+    atomic_directory,
+    make_accelerator,
+    parameter_groups,
+    require_finite,
+)
 from distill.metrics import compute_classification_loss, evaluate_classification_metrics
 from distill.recipes import FinetuneRecipe
-from distill.tasks import load_classification, split_loader
-from distill.train import check_precision, make_accelerator, optimizer_groups, share_cpu_cores
 from students.modeling import DistilBERTForSequenceClassification, resolve_model_dir
 from students.tokenizer import get_tokenizer
 
@@ -56,9 +62,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     cfg = recipe.train
     run_dir = Path(recipe.output_dir)
     accelerator = make_accelerator(cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
-    check_precision(cfg.mixed_precision, accelerator.device)
     hub.check_push(recipe.hub)
-    share_cpu_cores(accelerator)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,9 +81,10 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     val_dl = split_loader(data.splits["validation"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
     test_dl = split_loader(data.splits["test"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
     steps = len(train_dl) * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, len(train_dl) * cfg.epochs)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = adamw(parameter_groups(model, cfg.weight_decay), cfg.lr)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * steps), steps)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    optimizer_step = OptimizerStep(optimizer, scheduler, cfg.clip_grad_norm, accelerator=accelerator)
     tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), None,
                    group=tracking.group_of(recipe.tracking, run_dir, recipe.model), job_type="finetune")
     metrics_file = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
@@ -101,13 +106,9 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                         t_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     d = recipe.distill
                     loss = d.alpha_task * loss + d.alpha_ce * soft_target_loss(logits, t_logits, d.temperature)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}; best model so far: {best_dir}")
+            require_finite(loss.item(), step + 1, f"Best model so far: {best_dir}; try a lower train.lr")
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model.parameters())
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0:
@@ -127,11 +128,8 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                 if val[cfg.metric] > best:
                     best, best_step, bad_evals = val[cfg.metric], step, 0
                     if accelerator.is_main_process:
-                        tmp = best_dir.with_name(".best.tmp")
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        hub.save_model(raw, tokenizer, tmp)
-                        shutil.rmtree(best_dir, ignore_errors=True)
-                        tmp.rename(best_dir)
+                        with atomic_directory(best_dir) as tmp:
+                            hub.save_model(raw, tokenizer, tmp)
                 else:
                     bad_evals += 1
                     stop = bad_evals >= cfg.patience
@@ -153,7 +151,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     accelerator.log({"test/accuracy": test["accuracy"], "test/macro_f1": test["macro_f1"], "test/loss": test["loss"]},
                     step=step)
     if tracking.run_of(accelerator) is not None:
-        from distill.report import plot_confusion
+        from distill.downstream.render import plot_confusion
 
         figure = run_dir / plot_confusion(results, "test", run_dir, "test")
         tracking.log_classification(accelerator, data.label_names, test, "test", figure)

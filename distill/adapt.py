@@ -1,4 +1,4 @@
-"""Teacher adaptation: continued MLM training of a BERT teacher on the distillation corpus.
+"""Teacher adaptation, a training job: continued MLM training of a BERT teacher on the distillation corpus.
 
 Needed for teachers without an MLM head (sentence encoders such as the offline all-MiniLM-L6-v2), and
 useful for any teacher (adapt bert-base to your domain, then distil). All layers train; the loss is taken
@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -29,8 +28,10 @@ from tqdm.auto import tqdm
 from transformers import BertForMaskedLM, PreTrainedTokenizerBase
 
 from distill import checkpoint, rundir
-from distill.data import Corpus, GlobalBatchSampler, eval_batches, train_loader
+from distill.batching import GlobalBatchSampler, eval_batches, train_loader
+from distill.corpus import Corpus
 from distill.masking import MLMCollator, standard_masking
+from distill.mechanics import OptimizerStep, adamw, atomic_directory, parameter_groups, require_finite
 from distill.metrics import evaluate_mlm
 from distill.recipes import AdaptConfig, MaskingConfig
 from teachers.teacher import load_bert_mlm, resolve_teacher_path
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 ADAPT_VERSION = "1"
 NOT_IN_KEY = ("save_every",)  # settings that do not change the adapted weights
+# Settings added after version 1: in the key only when changed from their defaults, so the adaptations
+# cached before they existed (which used those defaults) stay valid.
+KEY_WHEN_CHANGED = ("betas", "eps", "clip_grad_norm")
 
 
 def cache_root() -> Path:
@@ -56,25 +60,17 @@ def source_identity(name_or_path: str) -> dict:
 
 
 def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, corpus_id: dict) -> str:
+    defaults = dataclasses.asdict(AdaptConfig())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in NOT_IN_KEY and not (k in KEY_WHEN_CHANGED and v == defaults[k])}
     payload = {
         "version": ADAPT_VERSION,
         "teacher": source_identity(name_or_path),
-        "adapt": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY},
+        "adapt": settings,
         "masking": dataclasses.asdict(masking),
         "corpus": corpus_id,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def masked_accuracy(model: BertForMaskedLM, batches: list[list[dict]], collator: MLMCollator,
-                    device: torch.device) -> dict[str, float]:
-    """`evaluate_mlm` of a BertForMaskedLM in eval mode (restoring its training mode)."""
-    was_training = model.training
-    model.eval()
-    out = evaluate_mlm(model.cls, lambda i, m: model.bert(input_ids=i, attention_mask=m).last_hidden_state,
-                       batches, collator, device)
-    model.train(was_training)
-    return out
 
 
 def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus: Corpus, corpus_id: dict,
@@ -100,16 +96,10 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
         report["key"] = key
         logger.info("teacher adapted in %.0f s: held-out masked accuracy %.3f -> %.3f",
                     report["seconds"], report["before"]["mlm_accuracy"], report["after"]["mlm_accuracy"])
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "adapt_report.json").write_text(json.dumps(report, indent=2))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.rename(out)  # atomic: a half-written adaptation is never picked up
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(out) as tmp:  # a half-written adaptation is never picked up
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "adapt_report.json").write_text(json.dumps(report, indent=2))
     finally:
         checkpoint.set_rng(*caller_rng)
         stop.restore()
@@ -129,18 +119,12 @@ def _adapt(name_or_path: str, tokenizer, corpus: Corpus, cfg: AdaptConfig, maski
     collator = MLMCollator(tokenizer, masking)
     val = eval_batches(corpus.validation, cfg.batch_size, cfg.eval_batches, cfg.seed)
 
-    decoder = model.cls.predictions.decoder.weight  # tied to the word embeddings: trains with the body
-    head = [p for n, p in model.named_parameters() if n.startswith("cls.") and p is not decoder]
-    head_ids = {id(p) for p in head}
-    body_decay = [p for n, p in model.named_parameters() if id(p) not in head_ids and p.ndim >= 2]
-    body_no_decay = [p for n, p in model.named_parameters() if id(p) not in head_ids and p.ndim < 2]
-    optimizer = torch.optim.AdamW([
-        {"params": body_decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": body_no_decay, "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": head, "lr": cfg.head_lr, "weight_decay": 0.0},
-    ], betas=(0.9, 0.98), eps=1e-6)
+    # the (new) MLM head learns at head_lr; its decoder is tied to the word embeddings and trains with the body
+    groups = parameter_groups(model, cfg.weight_decay, head="cls.", head_lr=cfg.head_lr)
+    optimizer = adamw(groups, cfg.lr, cfg.betas, cfg.eps)
     warmup = max(1, int(cfg.warmup_fraction * cfg.steps))
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, warmup, cfg.steps)
+    optimizer_step = OptimizerStep(optimizer, scheduler, cfg.clip_grad_norm)
     parts = checkpoint.Parts(model, optimizer, scheduler)
 
     loaded = checkpoint.find(partial, warn=lambda m: tqdm.write(f"warning: {m}"))
@@ -148,7 +132,7 @@ def _adapt(name_or_path: str, tokenizer, corpus: Corpus, cfg: AdaptConfig, maski
         state = checkpoint.apply(loaded, parts)
         logger.info("resuming the adaptation of %s at step %d of %d", name_or_path, state["step"], cfg.steps)
     else:
-        state = {"step": 0, "seconds": 0.0, "before": masked_accuracy(model, val, collator, device)}
+        state = {"step": 0, "seconds": 0.0, "before": evaluate_mlm(model, val, collator, device)}
         logger.info("teacher %s before adaptation: %s (new head tensors: %s)", name_or_path, state["before"],
                     missing)
     sampler = GlobalBatchSampler(corpus.train["length"], cfg.batch_size, cfg.seed, group_by_length=True)
@@ -161,13 +145,9 @@ def _adapt(name_or_path: str, tokenizer, corpus: Corpus, cfg: AdaptConfig, maski
         hidden = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         rows = b["labels"] != -100
         loss = F.cross_entropy(model.cls(hidden[rows]).float(), b["labels"][rows])
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError("teacher adaptation diverged (non-finite loss); lower teacher.adapt.lr")
+        require_finite(loss.item(), step + 1, "The teacher adaptation diverged; lower teacher.adapt.lr")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model.parameters())
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
         if stop.signum or (done % cfg.save_every == 0 and done < cfg.steps):
@@ -179,7 +159,7 @@ def _adapt(name_or_path: str, tokenizer, corpus: Corpus, cfg: AdaptConfig, maski
                            stop.signum, done, cfg.steps, partial)
             raise SystemExit(128 + stop.signum)
     seconds = time.perf_counter() - t0
-    after = masked_accuracy(model, val, collator, device)
+    after = evaluate_mlm(model, val, collator, device)
     report = {"teacher": name_or_path, "steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": round(seconds, 1),
               "before": state["before"], "after": after, "new_head_tensors": missing}
     return model, report

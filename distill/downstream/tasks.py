@@ -1,11 +1,10 @@
 """Sequence-classification data: the offline Wikipedia topic task, hub tasks (SST-2, IMDb, MRPC, MNLI),
-local files, and in-memory lists (the seed API). Every source yields train/validation/test splits with
+and local files. Every source yields train/validation/test splits with
 columns `text`, optional `text_pair`, and an integer `label`."""
 
 from __future__ import annotations
 
 import collections
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.data import file_format, load_wiki_summaries
+from distill.corpus import file_format, load_wiki_summaries, stable_hash
+from distill.loaders import create_classification_dataloader
 from distill.recipes import TaskConfig
 
 # Hub presets: (dataset, config, text, text_pair, {our split: hub split}). GLUE test labels are hidden,
@@ -31,7 +31,7 @@ WIKI_DROPPED_TOPIC = "Uncategorized"
 
 def _bucket(key: str) -> int:
     """0..99 from a stable hash: the split a record falls in never depends on order or machine."""
-    return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
+    return stable_hash(key, "md5") % 100
 
 
 @dataclass
@@ -115,17 +115,12 @@ def _load_classification(cfg: TaskConfig) -> ClassificationData:
         return wiki_topics()
     text, pair, label = cfg.text_field, cfg.text_pair_field, cfg.label_field
     if cfg.source == "files":
-        missing = [s for s in ("train", "test") if s not in cfg.splits]
-        if missing:
-            raise ValueError(f"task.splits must name files for {missing} (and optionally validation)")
         for path in cfg.splits.values():
             if not Path(path).exists():
                 raise FileNotFoundError(f"task file {path} not found (task.splits)")
         raw = datasets.load_dataset(file_format(list(cfg.splits.values())), data_files=dict(cfg.splits))
     else:
         if cfg.source == "hub":
-            if not cfg.name:
-                raise ValueError("task.name is required when task.source is 'hub'")
             name, config, mapping = cfg.name, cfg.config, dict(cfg.splits or {"train": "train", "test": "test"})
         else:
             name, config, text, pair, mapping = PRESETS[cfg.source]
@@ -153,55 +148,6 @@ def _load_classification(cfg: TaskConfig) -> ClassificationData:
     keep = ["text", "label"] + (["text_pair"] if pair else [])
     splits = datasets.DatasetDict({k: v.map(convert).select_columns(keep) for k, v in raw.items()})
     return ClassificationData(splits, names, _stats(splits, names))
-
-
-# ---------------------------------------------------------------------------------------------- batching
-class ClassificationDataset(torch.utils.data.Dataset):
-    """Texts (and optional second texts) with integer labels, tokenized up front (truncated to
-    max_length: a classifier reads the start of a document)."""
-
-    def __init__(self, texts: list[str], labels: list[int], tokenizer: PreTrainedTokenizerBase,
-                 max_length: int = 128, text_pairs: list[str] | None = None):
-        if len(texts) != len(labels) or (text_pairs is not None and len(text_pairs) != len(texts)):
-            raise ValueError(f"{len(texts)} texts but {len(labels)} labels" +
-                             (f" and {len(text_pairs)} text pairs" if text_pairs is not None else ""))
-        enc = tokenizer(list(texts), list(text_pairs) if text_pairs is not None else None, truncation=True,
-                        max_length=max_length)
-        self.input_ids = enc["input_ids"]
-        self.labels = [int(x) for x in labels]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "label": self.labels[i]}
-
-
-class PadCollator:
-    """Pads to the longest sequence: {input_ids, attention_mask, labels}."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        T = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(examples):
-            ids[i, : len(e["input_ids"])] = torch.as_tensor(e["input_ids"])
-            mask[i, : len(e["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.tensor([e["label"] for e in examples], dtype=torch.long)}
-
-
-def create_classification_dataloader(texts: list[str], labels: list[int], tokenizer: PreTrainedTokenizerBase,
-                                     batch_size: int, max_length: int = 128, shuffle: bool = True,
-                                     text_pairs: list[str] | None = None, seed: int = 0) -> torch.utils.data.DataLoader:
-    """Batches {input_ids, attention_mask, labels} for sequence classification."""
-    dataset = ClassificationDataset(texts, labels, tokenizer, max_length, text_pairs)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       collate_fn=PadCollator(tokenizer.pad_token_id),
-                                       generator=torch.Generator().manual_seed(seed))
 
 
 def split_loader(split: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, max_length: int,

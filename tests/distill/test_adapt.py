@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from distill.data import build_corpus, corpus_identity
+from distill import adapt as adapt_mod
+from distill.adapt import adapt_teacher
+from distill.corpus import build_corpus, corpus_identity
 from distill.recipes import AdaptConfig, DataConfig, MaskingConfig
 from students.init import init_from_teacher
-from teachers import adapt as adapt_mod
-from teachers.adapt import adapt_teacher
 from teachers.teacher import Teacher
 
 pytestmark = pytest.mark.slow
