@@ -215,7 +215,7 @@ class Reference:
                     t_out = bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                  output_hidden_states=True)
                 sel = (b["labels"] != -100) if mode == "masked" else b["attention_mask"].bool()
-                s_sel = s_out.logits[sel]  # (N, V): B x T x V logits were built first, as the reference does
+                s_sel = s_out.logits[sel]  # (N, V): B x T x V logits were built first, as the original step does
                 t_sel = t_out.logits[sel]
                 ce = F.kl_div(F.log_softmax(s_sel / T, -1), F.softmax(t_sel / T, -1), reduction="batchmean") * T * T
                 mlm = F.cross_entropy(s_out.logits.view(-1, VOCAB), b["labels"].view(-1), ignore_index=-100)
@@ -227,7 +227,7 @@ class Reference:
             opt(student.parameters())  # clip -> step -> zero, as the product's step
             lengths = data[i]["attention_mask"].sum(1).double()
             rows = int(lengths.sum()) if mode == "all" else int((data[i]["labels"] != -100).sum())
-            flops.append(step_flops(cfg=cfg, n_tokens=float(lengths.sum()), sum_sq_len=float((lengths**2).sum()),
+            flops.append(step_flops(loss_cfg=cfg, n_tokens=float(lengths.sum()), sum_sq_len=float((lengths**2).sum()),
                                     n_rows=rows, **self.shapes)["total"])
 
         result = timed(one, data, warmup, device)

@@ -25,8 +25,9 @@ from distill.corpus import stable_hash
 class GlobalBatchSampler:
     """Seeded global batches of dataset indices, with an (epoch, batch) position for exact resume.
 
-    group_by_length=True sorts each window of 50 batches by length and shuffles the batches (the
-    reference groups by length to cut padding); with packing all lengths are equal and it is a no-op.
+    group_by_length=True sorts each window of 50 batches by length and shuffles the batches (the original
+    `distillation/` scripts group by length to cut padding); with packing all lengths are equal and it is a
+    no-op.
     Yields lists of (epoch, index) keys, one global batch at a time, forever (epochs roll over).
     """
 

@@ -41,20 +41,20 @@ def encoder_forward_flops(shape: EncoderShape, n_tokens: float, sum_sq_len: floa
     return shape.layers * (2.0 * n_tokens * (4 * C * C + 2 * C * F) + 4.0 * C * sum_sq_len)
 
 
-def step_flops(*, teacher: EncoderShape, student: EncoderShape, vocab: int, cfg, pairs, projected: list[bool],
+def step_flops(*, teacher: EncoderShape, student: EncoderShape, vocab: int, loss_cfg, pairs, projected: list[bool],
                n_tokens: float, sum_sq_len: float, n_rows: float) -> dict[str, float]:
     """Model FLOPs of one micro-batch of the distillation step, by part and in total (module docstring).
-    cfg: the recipe's LossConfig; pairs: distill.step.layer_pairs; projected: which hidden-MSE pairs
+    loss_cfg: the recipe's LossConfig; pairs: distill.step.layer_pairs; projected: which hidden-MSE pairs
     have a projection (student width != teacher width)."""
     Ct, Cs, V, R, N = teacher.width, student.width, vocab, n_rows, n_tokens
-    vocab_losses = bool(cfg.alpha_ce or cfg.alpha_mlm or cfg.alpha_mse)
-    teacher_logits = bool(cfg.alpha_ce or cfg.alpha_mse)
+    vocab_losses = bool(loss_cfg.alpha_ce or loss_cfg.alpha_mlm or loss_cfg.alpha_mse)
+    teacher_logits = bool(loss_cfg.alpha_ce or loss_cfg.alpha_mse)
     parts = {
         "teacher_forward": encoder_forward_flops(teacher, N, sum_sq_len),
         "teacher_head": R * (2.0 * Ct * Ct + 2.0 * Ct * V) if teacher_logits else 0.0,
         "student_forward_backward": 3 * encoder_forward_flops(student, N, sum_sq_len),
         "student_head": 3 * R * (2.0 * Cs * Cs + 2.0 * Cs * V) if vocab_losses else 0.0,
-        "projections": 3 * 2.0 * N * Cs * Ct * sum(projected) if cfg.alpha_hidden_mse else 0.0,
+        "projections": 3 * 2.0 * N * Cs * Ct * sum(projected) if loss_cfg.alpha_hidden_mse else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts

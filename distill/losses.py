@@ -72,7 +72,7 @@ def mlm_loss(s: torch.Tensor, labels: torch.Tensor, normalizer: float | torch.Te
 
 
 def logit_mse_loss(s: torch.Tensor, t: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """sum (s - t)^2 over the N rows and V logits / normalizer (the reference's `alpha_mse`)."""
+    """sum (s - t)^2 over the N rows and V logits / normalizer (`alpha_mse` of the original `distillation/` scripts)."""
     return ((s.float() - t.float()) ** 2).sum() / _norm(normalizer, s.size(0))
 
 

@@ -2,9 +2,9 @@
 
 Per sequence with n maskable tokens (special and padding tokens are never chosen), k positions are drawn
 without replacement, k = floor(p*n + u) with u ~ U[0, 1) (so E[k] = p*n exactly, also for short
-sequences). With smoothing s > 0 a token's selection weight is max(count, 1)^-s, counts over the corpus
-(the reference's s = 0.7), which raises the share of rare tokens. Chosen positions become [MASK] /
-a random token / themselves with probabilities mask_fraction / random_fraction / the rest.
+sequences). With smoothing s > 0 a token's selection weight is max(count, 1)^-s, its count taken over the
+corpus (the original `distillation/` scripts' s = 0.7), which raises the share of rare tokens. Chosen
+positions become [MASK] / a random token / themselves with probabilities mask_fraction / random_fraction / the rest.
 
 All draws come from a generator seeded per example, so masks are reproducible under a seed and identical
 whatever the number of processes or data-loader workers.
@@ -28,13 +28,13 @@ def standard_masking(cfg: MaskingConfig) -> MaskingConfig:
     return dataclasses.replace(cfg, smoothing=0.0)
 
 
-def selection_weights(counts: np.ndarray | None, vocab_size: int, special_ids: list[int],
+def selection_weights(frequencies: np.ndarray | None, vocab_size: int, special_ids: list[int],
                       smoothing: float) -> torch.Tensor:
     """Per-token selection weight (V,): max(count, 1)^-smoothing, or 1; 0 for special tokens."""
-    if counts is None or smoothing == 0:
+    if frequencies is None or smoothing == 0:
         w = torch.ones(vocab_size, dtype=torch.float64)
     else:
-        w = torch.from_numpy(np.maximum(counts[:vocab_size], 1).astype(np.float64)) ** -smoothing
+        w = torch.from_numpy(np.maximum(frequencies[:vocab_size], 1).astype(np.float64)) ** -smoothing
     w[list(special_ids)] = 0.0
     return w
 
@@ -46,13 +46,13 @@ class MLMCollator:
     positions, -100 elsewhere (the transformers convention).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: MaskingConfig, counts: np.ndarray | None = None,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cfg: MaskingConfig, frequencies: np.ndarray | None = None,
                  pad_to_multiple_of: int = 8):
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
-        self.cfg = cfg
-        self.weights = selection_weights(counts, self.vocab_size, tokenizer.all_special_ids, cfg.smoothing)
+        self.masking_cfg = cfg
+        self.weights = selection_weights(frequencies, self.vocab_size, tokenizer.all_special_ids, cfg.smoothing)
         # Random replacements are drawn among ordinary tokens, never [CLS]/[SEP]/[PAD]/[MASK].
         self.random_pool = torch.nonzero(selection_weights(None, self.vocab_size, tokenizer.all_special_ids, 0))[:, 0]
         self.multiple = pad_to_multiple_of
@@ -65,7 +65,7 @@ class MLMCollator:
         labels = torch.full_like(ids, -100)
         if candidates == 0:
             return ids.clone(), labels
-        k = int(self.cfg.probability * candidates + torch.rand((), generator=g, dtype=torch.float64))
+        k = int(self.masking_cfg.probability * candidates + torch.rand((), generator=g, dtype=torch.float64))
         k = min(max(k, 0), candidates)
         if k == 0:
             return ids.clone(), labels
@@ -73,8 +73,9 @@ class MLMCollator:
         labels[chosen] = ids[chosen]
         out = ids.clone()
         action = torch.rand(k, generator=g)
-        to_mask = action < self.cfg.mask_fraction
-        to_random = (action >= self.cfg.mask_fraction) & (action < self.cfg.mask_fraction + self.cfg.random_fraction)
+        masked, replaced = self.masking_cfg.mask_fraction, self.masking_cfg.random_fraction
+        to_mask = action < masked
+        to_random = (action >= masked) & (action < masked + replaced)
         out[chosen[to_mask]] = self.mask_id
         n_random = int(to_random.sum())
         if n_random:

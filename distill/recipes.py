@@ -60,7 +60,7 @@ class StudentConfig:
     init: str = "teacher"  # "teacher" | "random" | path to a DistilBERT checkpoint
     preset: str | None = None  # a students.PRESETS name; default: derived from the teacher
     n_layers: int | None = None  # default: half the teacher's
-    layers: list[int] | None = None  # teacher layers copied into the student; default: reference choice
+    layers: list[int] | None = None  # teacher layers copied into the student; default: the original scripts' choice
     dropout: float | None = None  # hidden and attention dropout; default: DistilBERT's 0.1
 
     def __post_init__(self) -> None:
@@ -148,7 +148,7 @@ class LossConfig:
     # v1 = alpha_value_relation + alpha_attn on the last layers
     alpha_value_relation: float = 0.0
     # Student layer -> teacher layer pairs (0 = embeddings, i = block i) for cos/hidden/attention losses.
-    # None: cosine on the last layer only (the reference); uniform map for the others.
+    # None: cosine on the last layer only (the original scripts'); uniform map for the others.
     layer_map: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
@@ -168,7 +168,8 @@ class LossConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     """Optimisation. batch_size is the global micro-batch (sequences per forward, all processes);
-    one optimizer step sees batch_size * grad_accum sequences. Defaults: the reference's AdamW."""
+    one optimizer step sees batch_size * grad_accum sequences. Defaults: the AdamW of the original
+    `distillation/` scripts."""
 
     max_steps: int = 1000
     batch_size: int = 32
@@ -206,6 +207,7 @@ class TrainConfig:
         require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
         require(self.lr > 0, "train.lr", "must be > 0")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
+        require(self.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0")
         require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops", "must be > 0")
@@ -321,6 +323,7 @@ class FinetuneTrainConfig:
         require(self.batch_size > 0, "train.batch_size", "must be > 0")
         require(self.lr > 0, "train.lr", "must be > 0")
         require(self.patience >= 1, "train.patience", "must be >= 1")
+        require(self.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0")
 
 
 @dataclass(kw_only=True)

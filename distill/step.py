@@ -43,10 +43,10 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ pairs
-def layer_pairs(cfg: LossConfig, n_student: int, n_teacher: int) -> dict[str, list[tuple[int, int]]]:
+def layer_pairs(loss_cfg: LossConfig, n_student: int, n_teacher: int) -> dict[str, list[tuple[int, int]]]:
     """(student, teacher) hidden-state indices (0 = embeddings) for each intermediate loss."""
-    if cfg.layer_map is not None:
-        pairs = [tuple(p) for p in cfg.layer_map]
+    if loss_cfg.layer_map is not None:
+        pairs = [tuple(p) for p in loss_cfg.layer_map]
         bad = [p for p in pairs if not (0 <= p[0] <= n_student and 0 <= p[1] <= n_teacher)]
         if bad:
             raise RecipeError(f"loss.layer_map pairs {bad} out of range "
@@ -55,7 +55,7 @@ def layer_pairs(cfg: LossConfig, n_student: int, n_teacher: int) -> dict[str, li
     else:
         uniform = [(i, round(i * n_teacher / n_student)) for i in range(n_student + 1)]
         out = {"cos": [(n_student, n_teacher)], "hidden": uniform, "attn": uniform[1:]}
-    layer = cfg.relation_layer or n_teacher
+    layer = loss_cfg.relation_layer or n_teacher
     if not 1 <= layer <= n_teacher:
         raise RecipeError(f"loss.relation_layer={layer} is not a teacher layer (1..{n_teacher})")
     out["relation"] = [(n_student, layer)]  # the student's last layer receives the teacher layer's relations
@@ -112,25 +112,25 @@ class DistillationModel(nn.Module):
     so all the student's parameters are used inside the wrapped forward (as DDP and FSDP require).
     """
 
-    def __init__(self, student: DistilBERTForMaskedLM, teacher_dim: int, cfg: LossConfig,
+    def __init__(self, student: DistilBERTForMaskedLM, teacher_dim: int, loss_cfg: LossConfig,
                  pairs: dict[str, list[tuple[int, int]]], loss_kernel: str = "eager", teacher_heads: int = 0):
         super().__init__()
-        self.student, self.cfg, self.pairs = student, cfg, pairs
+        self.student, self.loss_cfg, self.pairs = student, loss_cfg, pairs
         self.teacher_heads = teacher_heads  # MiniLM relations: the default relation heads, and v1's check
-        self.relation_heads = cfg.relation_heads or teacher_heads
+        self.relation_heads = loss_cfg.relation_heads or teacher_heads
         dim = student.config.dim
         self.projections = nn.ModuleList(
             [nn.Linear(dim, teacher_dim) if dim != teacher_dim else nn.Identity() for _ in pairs["hidden"]]
-        ) if cfg.alpha_hidden_mse else nn.ModuleList()
-        self.weights = VocabLossWeights(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_mse, cfg.temperature, loss_kernel,
-                                        cfg.divergence, cfg.jsd_beta)
+        ) if loss_cfg.alpha_hidden_mse else nn.ModuleList()
+        self.weights = VocabLossWeights(loss_cfg.alpha_ce, loss_cfg.alpha_mlm, loss_cfg.alpha_mse,
+                                        loss_cfg.temperature, loss_kernel, loss_cfg.divergence, loss_cfg.jsd_beta)
 
     def forward(self, batch: StepBatch, t: TeacherOutputs, norms: torch.Tensor) -> dict[str, torch.Tensor]:
         """norms: (4,) global normalisers of this optimizer step (StepBatch.norms summed)."""
-        cfg, layout = self.cfg, batch.layout
+        loss_cfg, layout = self.loss_cfg, batch.layout
         n_rows, n_mlm, n_tokens = norms[0], norms[1], norms[2]
         attentions = None
-        if cfg.alpha_attn:  # attention probabilities need the (B, T) layout; the losses then take rows
+        if loss_cfg.alpha_attn:  # attention probabilities need the (B, T) layout; the losses then take rows
             out = self.student.distilbert(batch.input_ids, batch.attention_mask, output_hidden_states=True,
                                           output_attentions=True)
             hidden, attentions = [layout.gather(h) for h in out.hidden_states], out.attentions
@@ -144,58 +144,59 @@ class DistillationModel(nn.Module):
         else:
             total = ce = mlm = mse = norms.new_zeros(())
         losses = {"ce": ce, "mlm": mlm, "mse": mse}
-        if cfg.alpha_cos:
+        if loss_cfg.alpha_cos:
             cos = sum(cosine_loss(hidden[i], t.hidden[j], None, n_tokens)
                       for i, j in self.pairs["cos"]) / len(self.pairs["cos"])
-            total = total + cfg.alpha_cos * cos
+            total = total + loss_cfg.alpha_cos * cos
             losses["cos"] = cos.detach()
-        if cfg.alpha_hidden_mse:
+        if loss_cfg.alpha_hidden_mse:
             hid = sum(hidden_mse_loss(p(hidden[i]), t.hidden[j], None, n_tokens)
                       for p, (i, j) in zip(self.projections, self.pairs["hidden"])) / len(self.pairs["hidden"])
-            total = total + cfg.alpha_hidden_mse * hid
+            total = total + loss_cfg.alpha_hidden_mse * hid
             losses["hidden_mse"] = hid.detach()
-        if cfg.alpha_relation or cfg.alpha_value_relation:
+        if loss_cfg.alpha_relation or loss_cfg.alpha_value_relation:
             (i, _), = self.pairs["relation"]
             attention = self.student.distilbert.transformer.layer[i - 1].attention
             x = hidden[i - 1]
             real = batch.attention_mask.bool()
             qkv_s = [layout.scatter(f(x)) for f in (attention.q_lin, attention.k_lin, attention.v_lin)]
             qkv_t = [layout.scatter(y) for y in t.qkv]
-            if cfg.alpha_relation:
+            if loss_cfg.alpha_relation:
                 rel = minilm_v2_loss(qkv_s, qkv_t, self.relation_heads, real, n_tokens)
-                total = total + cfg.alpha_relation * rel
+                total = total + loss_cfg.alpha_relation * rel
                 losses["relation"] = rel.detach()
-            if cfg.alpha_value_relation:
+            if loss_cfg.alpha_value_relation:
                 val = value_relation_loss(qkv_s[2], qkv_t[2], attention.n_heads, self.teacher_heads, real, n_tokens)
-                total = total + cfg.alpha_value_relation * val
+                total = total + loss_cfg.alpha_value_relation * val
                 losses["value_relation"] = val.detach()
-        if cfg.alpha_attn:
+        if loss_cfg.alpha_attn:
             real = batch.attention_mask.bool()
             att = sum(attention_kl_loss(attentions[i - 1], t.attentions[j - 1], real, n_tokens)
                       for i, j in self.pairs["attn"]) / len(self.pairs["attn"])
-            total = total + cfg.alpha_attn * att
+            total = total + loss_cfg.alpha_attn * att
             losses["attn"] = att.detach()
         losses["total"] = total
         return losses
 
 
-def teacher_outputs(teacher: Teacher, batch: StepBatch, cfg: LossConfig, pairs: dict[str, list[tuple[int, int]]],
+def teacher_outputs(teacher: Teacher, batch: StepBatch, loss_cfg: LossConfig, pairs: dict[str, list[tuple[int, int]]],
                     weights: VocabLossWeights) -> TeacherOutputs:
     """The teacher's side of one micro-batch: hidden rows of the layers some loss uses, the transformed last
     rows at the scored positions (the vocabulary projection is left to the fused loss: never B x T x V
     teacher logits), and attention probabilities when attention transfer is on."""
     W, b = teacher.projector
     out = TeacherOutputs(W=W, b=b)
-    if cfg.alpha_attn:
+    if loss_cfg.alpha_attn:
         full = teacher(batch.input_ids, batch.attention_mask, output_attentions=True)  # inference mode
         # cloned out of inference mode, so autograd may save them for the student's backward
         hidden = [batch.layout.gather(h).clone() for h in full.hidden_states]
         out.attentions = tuple(a.clone() for a in full.attentions)
     else:
         hidden = teacher.forward_rows(batch.input_ids, batch.layout)
-    used = {j for key in ("cos", "hidden") for _, j in pairs[key]} if (cfg.alpha_cos or cfg.alpha_hidden_mse) else ()
+    hidden_losses = loss_cfg.alpha_cos or loss_cfg.alpha_hidden_mse
+    used = {j for key in ("cos", "hidden") for _, j in pairs[key]} if hidden_losses else ()
     out.hidden = {j: hidden[j] for j in used}
-    if cfg.alpha_relation or cfg.alpha_value_relation:
+    if loss_cfg.alpha_relation or loss_cfg.alpha_value_relation:
         (_, j), = pairs["relation"]
         attention = teacher.blocks[j - 1].attention
         with torch.no_grad():
@@ -232,12 +233,12 @@ class DistillationStep:
         self.teacher_autocast = not half_teacher if teacher_autocast is None else teacher_autocast
         self.optimizer_step = OptimizerStep(optimizer, scheduler, clip_grad_norm, accelerator=accelerator)
         inner: DistillationModel = accelerator.unwrap_model(model)
-        self.cfg, self.pairs, self.weights = inner.cfg, inner.pairs, inner.weights
+        self.loss_cfg, self.pairs, self.weights = inner.loss_cfg, inner.pairs, inner.weights
         self.device = accelerator.device
         self.pin = self.device.type == "cuda"
         self._upcoming: list[StepBatch] = []  # the next step's micro-batches, prepared during this one
         self._flops = dict(teacher=encoder_shape(teacher.config), student=encoder_shape(inner.student.config),
-                           vocab=inner.student.config.vocab_size, cfg=self.cfg, pairs=self.pairs,
+                           vocab=inner.student.config.vocab_size, loss_cfg=self.loss_cfg, pairs=self.pairs,
                            projected=[not isinstance(p, nn.Identity) for p in inner.projections])
 
     # -------------------------------------------------------------------- host side
@@ -247,7 +248,7 @@ class DistillationStep:
         layout = TokenLayout.from_mask(batch["attention_mask"])
         token_labels = layout.gather(batch["labels"])  # (N,)
         labelled = token_labels != -100
-        if self.cfg.restrict_ce_to_mask:
+        if self.loss_cfg.restrict_ce_to_mask:
             scored = labelled.nonzero().squeeze(1)
             labels = token_labels.index_select(0, scored)
         else:
@@ -298,7 +299,7 @@ class DistillationStep:
             with (contextlib.nullcontext() if sync else acc.no_sync(model)), acc.autocast():
                 with torch.autocast(self.device.type, enabled=False) if not self.teacher_autocast else \
                         contextlib.nullcontext():
-                    t = teacher_outputs(self.teacher, b, self.cfg, self.pairs, self.weights)
+                    t = teacher_outputs(self.teacher, b, self.loss_cfg, self.pairs, self.weights)
                 losses = model(b, t, norms)
                 # Each process's loss is its share of a global mean; DDP averages gradients over
                 # processes, so scale by their number to get the gradient of the global mean.

@@ -1,9 +1,10 @@
 """Initialise a DistilBERT student from a BERT masked-LM teacher: one key-mapping table plus a layer list.
 
-As `extract_distilbert.py` of the reference: word/position embeddings, the embedding LayerNorm, the MLM
-head and a subset of the teacher's layers are copied. Unlike the reference, the teacher's token-type
-embedding row 0 (the one every single-segment input adds) is folded into the student's position
-embeddings, so the student's embedding output equals the teacher's exactly instead of starting shifted.
+As `extract_distilbert.py` of Hugging Face's original `distillation/` scripts: word/position embeddings, the
+embedding LayerNorm, the MLM head and a subset of the teacher's layers are copied. Unlike those scripts, the
+teacher's token-type embedding row 0 (the one every single-segment input adds) is folded into the student's
+position embeddings, so the student's embedding output equals the teacher's exactly instead of starting
+shifted.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ TOKEN_TYPE_KEY = "bert.embeddings.token_type_embeddings.weight"
 def default_layers(n_teacher: int, n_student: int) -> list[int]:
     """Teacher layers for an n_student-layer student: evenly spaced from the first to the last layer.
 
-    For 6 of 12 this is exactly the reference's [0, 2, 4, 7, 9, 11] (every other layer, ending on the last,
+    For 6 of 12 this is exactly the original scripts' [0, 2, 4, 7, 9, 11] (every other layer, ending on the last,
     whose output the cosine loss aligns); [0, 2, 5] for 3 of 6, [0, 4, 7, 11] for 4 of 12.
     """
     if n_student == 1:

@@ -19,16 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from transformers import DistilBertConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
-
 
 # --------------------------------------------------------------------------------------- token layout
 @dataclass
@@ -373,31 +368,6 @@ class DistilBERTPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{name_or_path}: tensors of another shape: {list(info['mismatched_keys'])[:3]}")
         return (model, info) if wants_info else model
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Load a transformers-style DistilBERT state dict with the checks described in `from_pretrained`."""
-        own = self.state_dict()
-        prefix = "distilbert."
-        if not any(k.startswith(prefix) for k in state):  # a bare DistilBertModel checkpoint
-            state = {(k if k in self.all_head_keys else prefix + k): v for k, v in state.items()}
-        if not any(k.startswith(prefix) for k in own):  # loading into the bare encoder
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        dropped = sorted(k for k in state if k not in own and k.split(".")[0] in self.all_head_keys)
-        unexpected = sorted(k for k in state if k not in own and k not in dropped)
-        missing = sorted(k for k in own if k not in state and k not in self.tied_keys)
-        fresh = [k for k in missing if k.split(".")[0] in self.head_keys]
-        missing = [k for k in missing if k not in fresh]
-        if missing or unexpected:
-            raise ValueError(f"{source}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-        for k, v in state.items():
-            if k in own and own[k].shape != v.shape:
-                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-        if dropped:
-            logger.info("%s: not used by %s: %s", source, type(self).__name__, dropped)
-        if fresh:
-            logger.info("%s: newly initialised in %s: %s", source, type(self).__name__, fresh)
-        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        self.tie_weights()
-
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A local directory as is; otherwise a hub repository, downloaded (or read from the HF cache)."""
@@ -410,15 +380,6 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.bin", "*.txt"]
     return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
-
-
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """Read model.safetensors (or the legacy pytorch_model.bin) from a checkpoint directory."""
-    if (directory / WEIGHTS_NAME).exists():
-        return load_file(str(directory / WEIGHTS_NAME))
-    if (directory / LEGACY_WEIGHTS_NAME).exists():
-        return torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
 
 
 class DistilBERTModel(DistilBERTPreTrainedModel):

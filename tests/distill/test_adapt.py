@@ -94,3 +94,24 @@ def test_an_interrupted_adaptation_resumes_to_the_same_teacher(tokenizer, small_
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
     ra, rb = (json.loads((p / "adapt_report.json").read_text()) for p in (whole, resumed))
     assert ra["before"] == rb["before"] and ra["after"] == rb["after"]
+
+
+def test_cached_adaptations_keep_their_keys_and_new_settings_enter_only_when_changed(tmp_path):
+    import dataclasses
+    import hashlib
+
+    from distill.adapt import ADAPT_VERSION, adaptation_key, source_identity
+
+    corpus_id = {"source": "wiki-summaries", "tokenizer": "abc"}
+    default = AdaptConfig(steps=1200)
+    # the key as the first version computed it, before the optimizer settings became recipe keys
+    settings = {k: v for k, v in dataclasses.asdict(default).items()
+                if k not in ("save_every", "betas", "eps", "clip_grad_norm")}
+    payload = {"version": ADAPT_VERSION, "teacher": source_identity("minilm"), "adapt": settings,
+               "masking": dataclasses.asdict(MaskingConfig(smoothing=0.0)), "corpus": corpus_id}
+    before = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert adaptation_key("minilm", default, MaskingConfig(smoothing=0.0), corpus_id) == before
+    changed = dataclasses.replace(default, betas=[0.9, 0.999])
+    assert adaptation_key("minilm", changed, MaskingConfig(smoothing=0.0), corpus_id) != before
+    assert adaptation_key("minilm", dataclasses.replace(default, save_every=7), MaskingConfig(smoothing=0.0),
+                          corpus_id) == before

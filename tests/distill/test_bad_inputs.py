@@ -9,14 +9,11 @@ are in test_rundir.py and test_train.py (they need real processes).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from distill import run as run_mod
 from distill.recipe_loader import resolve
+from tests.cli import ROOT, TINY, popen
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
 FINETUNE = ROOT / "recipes" / "finetune" / "wiki-topics.yaml"
 
 
@@ -354,11 +350,7 @@ def test_bad_input(case, tiny_teacher_dir, tmp_path, monkeypatch, capsys, fresh_
 
 # ----------------------------------------------------------------------------------------- signals
 def _cli(tiny_teacher_dir, out, *extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    env.pop("OMP_NUM_THREADS", None)
-    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
-           f"output_dir={out}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return popen("distill/run.py", TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", *extra)
 
 
 @pytest.mark.slow

@@ -2,26 +2,20 @@
 sharded run from a distill.checkpoint checkpoint (gathered on save, re-sharded on load)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli import ROOT, TINY, kit, launch, python
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def torchrun(n, *args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           str(ROOT / "tests" / "distill" / "fsdp_worker.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", n,
+           ROOT / "tests" / "distill" / "fsdp_worker.py", *args, OMP_NUM_THREADS="1")
 
 
 def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
@@ -57,26 +51,19 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path):
 def test_accelerate_fsdp_run_matches_the_unsharded_run_on_a_gpu(tiny_teacher_dir, tmp_path):
     """The trainer through recipes/accelerate/fsdp.yaml (one GPU is enough for FSDP's code paths) against the
     same recipe without FSDP: equal losses within fp32 reduction-order rounding, and the run resumes."""
-    from tests.distill.test_train import TINY, env, losses
+    from tests.distill.test_train import losses
 
     n = torch.cuda.device_count()
-    args = [str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
+    args = [TINY, f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
             "student.dropout=0.0", "train.eval_every=100", "train.compile=false", "train.save_every=2"]
-    plain = subprocess.run([sys.executable, "distill/run.py", *args, f"output_dir={tmp_path / 'plain'}"], cwd=ROOT,
-                           env=env(), capture_output=True, text=True, timeout=600)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", str(n), "--mixed_precision", "no",
-              "distill/run.py", *args]
-    sharded = subprocess.run([*launch, f"output_dir={tmp_path / 'fsdp'}"], cwd=ROOT, env=env(), capture_output=True,
-                             text=True, timeout=600)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    kit(*args, f"output_dir={tmp_path / 'plain'}")
+    sharded = ["--config_file", ROOT / "recipes" / "accelerate" / "fsdp.yaml", "--num_processes", n,
+               "--mixed_precision", "no", "distill/run.py", *args, f"output_dir={tmp_path / 'fsdp'}"]
+    launch(*sharded, cpu=False)
     l1, l2 = losses(tmp_path / "plain"), losses(tmp_path / "fsdp")
     assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
     for s in l1:
         assert l2[s] == pytest.approx(l1[s], rel=1e-4), (s, l1, l2)
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000004")
-    again = subprocess.run([*launch, f"output_dir={tmp_path / 'fsdp'}"], cwd=ROOT, env=env(), capture_output=True,
-                           text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    launch(*sharded, cpu=False)
     assert losses(tmp_path / "fsdp")[4] == pytest.approx(l2[4], rel=1e-6)

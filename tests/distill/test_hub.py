@@ -2,8 +2,6 @@
 transformers' own Trainer on our export."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import transformers
 
 from distill import hub
 from distill.recipes import HubConfig, RecipeError
-from tests.distill.test_train import ROOT, TINY, env
+from tests.cli import TINY, kit
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def export(tiny_teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("hub") / "run"
-    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
-           f"output_dir={out}", "train.max_steps=3", "train.eval_every=3", "hub.license=apache-2.0"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = kit(TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=3",
+               "train.eval_every=3", "hub.license=apache-2.0")
     return out / "student", json.loads(proc.stdout)
 
 

@@ -80,8 +80,8 @@ def test_ablation_recipes_change_one_thing_each():
 
 
 def test_speed_settings_and_earlier_versions_keys_do_not_block_resuming():
-    from distill.recipes import AdaptConfig, Recipe, TeacherConfig
     from distill.build import check_resumable
+    from distill.recipes import AdaptConfig, Recipe, TeacherConfig
 
     saved = Recipe().to_dict()
     del saved["train"]["loss_kernel"]
@@ -107,3 +107,18 @@ def test_mixed_precision_unset_is_left_to_accelerate(tmp_path):
     assert resolve(write(tmp_path, "p.yaml", "{}\n")).train.mixed_precision is None
     with pytest.raises(RecipeError, match="choose one of"):
         resolve(write(tmp_path, "y.yaml", "train:\n  mixed_precision: yes\n"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"source": "hub"}, "task.name is required"),
+    ({"source": "files", "splits": {"train": "a.jsonl"}}, r"task.splits must name files for \['test'\]"),
+    ({"splits": {"dev": "a.jsonl"}}, "unknown split names"),
+    ({"max_length": 4}, "task.max_length"),
+    ({"max_train_examples": 0}, "task.max_train_examples"),
+])
+def test_task_config_validates_like_the_data_config(kwargs, message):
+    from distill.recipes import TaskConfig
+
+    with pytest.raises(RecipeError, match=message):
+        TaskConfig(**kwargs)
+    TaskConfig(source="files", splits={"train": "a.jsonl", "test": "b.jsonl"})  # valid

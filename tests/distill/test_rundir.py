@@ -7,8 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import pytest
 
 from distill import rundir
 from distill import train as train_mod
-from tests.distill.test_train import ROOT, TINY, env, recipe, weights
+from tests.cli import LAUNCH, TINY, kit, popen, python
+from tests.distill.test_train import recipe, weights
 
 pytestmark = pytest.mark.slow
 
@@ -61,21 +60,18 @@ def test_damaged_newest_checkpoint_falls_back_bit_exactly(tiny_teacher_dir, tmp_
 
 def test_finished_run_is_not_overwritten_without_asking(tiny_teacher_dir, tmp_path):
     out = tmp_path / "run"
-    first = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
-             f"output_dir={out}", "train.max_steps=2"]
-    assert subprocess.run(first, cwd=ROOT, env=env(), capture_output=True, timeout=600).returncode == 0
+    kit(TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=2")
     shutil.rmtree(out / "checkpoints")  # a finished run whose checkpoints were cleaned up
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     other = tmp_path / "other-teacher"
     shutil.copytree(tiny_teacher_dir, other)
-    again = [*first[:3], f"teacher.name_or_path={other}", *first[4:]]
-    proc = subprocess.run(again, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    again = [TINY, f"teacher.name_or_path={other}", f"output_dir={out}", "train.max_steps=2"]
+    proc = kit(*again, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "pass --overwrite" in proc.stderr.strip().splitlines()[-1]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    proc = subprocess.run([*again, "--overwrite"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    kit(*again, "--overwrite")
     assert (out / "teacher").resolve() == other.resolve()  # the link names the teacher actually used
     assert [r["step"] for r in records(out) if "loss/total" in r] == [2]
 
@@ -100,7 +96,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
         rundir.RunLock(tmp_path).acquire()
     lock.release()
     assert not (tmp_path / ".lock").exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = popen("-c", "pass", pipe=False)
     dead.wait()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": "1"}))
     lock = rundir.RunLock(tmp_path)
@@ -126,18 +122,15 @@ def test_second_run_into_a_busy_directory_is_refused_and_the_trainer_stops_with_
     out = tmp_path / "run"
     args = ["distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}",
             "train.max_steps=100000", "train.save_every=100000", "train.log_every=1"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", *args]
-    launcher = subprocess.Popen(launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = popen(*LAUNCH, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no", *args, pipe=False, ACCELERATE_USE_CPU="1")
     try:
         metrics = out / "metrics.jsonl"
         assert wait_for(lambda: metrics.exists() and "loss/total" in metrics.read_text())
         trainer = json.loads((out / ".lock").read_text())["pid"]
         assert trainer != launcher.pid
         before = (out / "recipe.yaml").read_bytes()
-        second = subprocess.run([sys.executable, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
-                                timeout=600)
+        second = python(*args, check=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert "in use by another run" in second.stderr.strip().splitlines()[-1]
         assert (out / "recipe.yaml").read_bytes() == before

@@ -172,7 +172,7 @@ def test_flop_count_matches_flop_counter_mode(mode):
     model = DistillationModel(student, 32, cfg, pairs, "eager").train()
     step = DistillationStep(Accelerator(cpu=True), model, Teacher(bert),
                             torch.optim.AdamW(model.parameters(), lr=1e-4), clip_grad_norm=1.0)
-    shapes = dict(teacher=encoder_shape(bert.config), student=encoder_shape(student.config), vocab=V, cfg=cfg,
+    shapes = dict(teacher=encoder_shape(bert.config), student=encoder_shape(student.config), vocab=V, loss_cfg=cfg,
                   pairs=pairs, projected=[])
 
     # Packed (no padding): the whole step at once.

@@ -4,8 +4,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +14,9 @@ from safetensors.torch import load_file
 from distill import step as step_mod
 from distill import train as train_mod
 from distill.recipe_loader import resolve
+from tests.cli import ROOT, TINY, kit, launch, python
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "recipes" / "tiny.yaml"
-
-
-def env():
-    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    e.pop("OMP_NUM_THREADS", None)
-    return e
 
 
 def recipe(teacher, out, *overrides):
@@ -43,10 +34,8 @@ def losses(run_dir):
 
 def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
-           f"output_dir={out}", "train.max_steps=4", "train.peak_tflops=0.5"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = kit(TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=4",
+               "train.peak_tflops=0.5")
     (line,) = proc.stdout.strip().splitlines()  # stdout: the summary only; messages and bars go to stderr
     summary = json.loads(line)
     assert summary["step"] == 4 and 0 <= summary["student"]["mlm_accuracy"] <= 1
@@ -112,15 +101,9 @@ def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
             "student.dropout=0.0", "train.eval_every=100"]
     one = tmp_path / "one"
     two = tmp_path / "two"
-    p1 = subprocess.run([sys.executable, "distill/run.py", *args, f"output_dir={one}"], cwd=ROOT, env=env(),
-                        capture_output=True, text=True, timeout=600)
-    assert p1.returncode == 0, p1.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29533", "distill/run.py", *args, f"output_dir={two}"]
-    p2 = subprocess.run(launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                        timeout=600)
-    assert p2.returncode == 0, p2.stderr[-3000:]
+    kit(*args, f"output_dir={one}")
+    launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29533", "distill/run.py", *args, f"output_dir={two}")
     # Two processes really ran: each saved its own RNG state.
     assert {p.name for p in (two / "checkpoints" / "step-00000004").glob("rng-*.safetensors")} == {
         "rng-0.safetensors", "rng-1.safetensors"}
@@ -165,11 +148,11 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_teacher_dir, tmp_path, monke
     ("data.files=[nope.jsonl]", "data.source"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tmp_path, override, message):
-    cmd = [sys.executable, "distill/run.py", str(TINY), override, f"output_dir={tmp_path / 'x'}"]
+    args = [TINY, override, f"output_dir={tmp_path / 'x'}"]
     if override.startswith("data.files"):
-        cmd += ["data.source=files", "teacher.name_or_path=./missing-teacher"]
+        args += ["data.source=files", "teacher.name_or_path=./missing-teacher"]
         message = "nope.jsonl"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = kit(*args, check=False, timeout=300)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
@@ -186,14 +169,9 @@ def test_wandb_offline_run_and_lazy_import(tiny_teacher_dir, tmp_path):
         "train(r)\n"
         "print('WANDB_IMPORTED', 'wandb' in sys.modules)\n"
     )
-    off = subprocess.run([sys.executable, "-c", code, "false"], cwd=ROOT, env={**env(), "WANDB_MODE": "offline"},
-                         capture_output=True, text=True, timeout=600)
-    assert off.returncode == 0, off.stderr[-2000:]
+    off = python("-c", code, "false", WANDB_MODE="offline")
     assert "WANDB_IMPORTED False" in off.stdout
-    on = subprocess.run([sys.executable, "-c", code, "true"], cwd=ROOT,
-                        env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
-                        capture_output=True, text=True, timeout=600)
-    assert on.returncode == 0, on.stderr[-2000:]
+    on = python("-c", code, "true", WANDB_MODE="offline", WANDB_SILENT="true")
     assert "WANDB_IMPORTED True" in on.stdout
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
@@ -203,40 +181,34 @@ def test_intermediate_losses_and_bf16(tiny_teacher_dir, tmp_path):
     # TinyBERT/MiniLM-style objectives through the loop, under bf16 autocast on CPU. A fresh process:
     # Accelerate's state (mixed precision) is fixed per process.
     out = tmp_path / "mid"
-    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}",
-           "train.max_steps=2", "train.log_every=1", "loss.alpha_hidden_mse=1.0", "loss.alpha_attn=1.0",
-           "loss.alpha_mse=0.1", "loss.layer_map=[[0, 0], [1, 2], [2, 4]]", "train.mixed_precision=bf16"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    kit(TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=2",
+        "train.log_every=1", "loss.alpha_hidden_mse=1.0", "loss.alpha_attn=1.0", "loss.alpha_mse=0.1",
+        "loss.layer_map=[[0, 0], [1, 2], [2, 4]]", "train.mixed_precision=bf16")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/total" in x]
     assert rows and all(r["loss/hidden_mse"] > 0 and r["loss/attn"] > 0 and r["loss/mse"] > 0 for r in rows)
     assert all(math.isfinite(r["loss/total"]) for r in rows)
 
 
 def test_adapt_only_adapts_once_then_reuses_and_refuses_zero_steps(tiny_teacher_dir, tmp_path):
-    cmd = [sys.executable, "distill/run.py", str(TINY), "--adapt-only", f"teacher.name_or_path={tiny_teacher_dir}",
-           f"output_dir={tmp_path / 'run'}", "teacher.adapt.steps=2", "teacher.adapt.batch_size=4",
-           "teacher.adapt.eval_batches=1"]
-    e = dict(env(), DISTILBERT_KIT_CACHE=str(tmp_path / "cache"))
-    first = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    args = [TINY, "--adapt-only", f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={tmp_path / 'run'}",
+            "teacher.adapt.steps=2", "teacher.adapt.batch_size=4", "teacher.adapt.eval_batches=1"]
+    cache = str(tmp_path / "cache")
+    first = kit(*args, DISTILBERT_KIT_CACHE=cache)
     report = json.loads(first.stdout.strip().splitlines()[-1])
     adapted = Path(report["adapted_teacher"])
     assert adapted.parent == tmp_path / "cache" / "teachers" and report["steps"] == 2
     assert (adapted / "model.safetensors").exists() and not (tmp_path / "run" / "checkpoints").exists()
-    again = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "reusing adapted teacher" in again.stderr
+    again = kit(*args, DISTILBERT_KIT_CACHE=cache)
+    assert "reusing adapted teacher" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1]) == report
-    zero = subprocess.run([*cmd, "teacher.adapt.steps=0"], cwd=ROOT, env=e, capture_output=True, text=True,
-                          timeout=300)
+    zero = kit(*args, "teacher.adapt.steps=0", check=False, DISTILBERT_KIT_CACHE=cache)
     assert zero.returncode == 2 and zero.stderr.strip().splitlines()[-1].startswith("error:")
     assert "teacher.adapt.steps is 0" in zero.stderr
 
 
 def test_student_preset_of_another_width_than_the_teacher_is_refused(tiny_teacher_dir, tmp_path):
-    cmd = [sys.executable, "distill/run.py", str(TINY), f"teacher.name_or_path={tiny_teacher_dir}",
-           f"output_dir={tmp_path / 'run'}", "student.preset=minilm-l6-h384"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = kit(TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={tmp_path / 'run'}",
+               "student.preset=minilm-l6-h384", check=False, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "(384 wide, 12 heads) cannot be initialised from the teacher (32 wide" in last
@@ -280,12 +252,8 @@ def test_precision_comes_from_accelerate_unless_the_recipe_sets_it(tiny_teacher_
 
 def test_accelerate_launch_precision_flag_is_used(tiny_teacher_dir, tmp_path):
     out = tmp_path / "launched"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "bf16", "--dynamo_backend", "no", "distill/run.py", str(TINY),
-              f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=1"]
-    proc = subprocess.run(launch, cwd=ROOT, env={**env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+           "distill/run.py", TINY, f"teacher.name_or_path={tiny_teacher_dir}", f"output_dir={out}", "train.max_steps=1")
     assert "mixed_precision: bf16" in (out / "recipe.yaml").read_text()
 
 

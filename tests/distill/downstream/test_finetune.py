@@ -1,8 +1,6 @@
 """Fine-tuning recipes end to end on a tiny student and a slice of the offline topic task."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from distill.downstream.tasks import load_classification
 from distill.recipe_loader import resolve
 from distill.recipes import TaskConfig
 from students import DistilBERTForMaskedLM
-from tests.distill.test_train import ROOT, env
+from tests.cli import ROOT, kit
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +39,9 @@ def test_wiki_topics_split_is_deterministic_disjoint_and_counted():
 
 def test_finetune_recipe_end_to_end(tiny_student, tmp_path):
     out = tmp_path / "ft"
-    cmd = [sys.executable, "distill/run.py", "recipes/finetune/wiki-topics.yaml", f"model={tiny_student}",
-           f"output_dir={out}", "task.max_train_examples=96", "task.max_length=32", "train.epochs=2",
-           "train.batch_size=16", "train.eval_every=3", "train.patience=1", "tracking.wandb=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = kit("recipes/finetune/wiki-topics.yaml", f"model={tiny_student}", f"output_dir={out}",
+               "task.max_train_examples=96", "task.max_length=32", "train.epochs=2", "train.batch_size=16",
+               "train.eval_every=3", "train.patience=1", "tracking.wandb=false")
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["test"]["accuracy"] <= 1 and len(results["test"]["confusion_matrix"]) == 11
     assert results["best_step"] in [h["step"] for h in results["history"]]

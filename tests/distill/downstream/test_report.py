@@ -6,7 +6,8 @@ from distill.downstream import measure, render, report
 from distill.downstream.finetune import finetune
 from distill.recipe_loader import resolve
 from distill.train import train
-from tests.distill.test_train import ROOT, recipe
+from tests.cli import ROOT
+from tests.distill.test_train import recipe
 
 pytestmark = pytest.mark.slow
 

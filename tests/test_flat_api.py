@@ -1,9 +1,11 @@
-"""The flat API the README and examples use: data loaders, AMPTrainer, metrics."""
+"""The flat API (`distilbert_kit`) the README and examples use: data loaders, AMPTrainer, metrics."""
 
 import pytest
 import torch
 from transformers import DistilBertConfig
 
+import distilbert_kit
+import students
 from distilbert_kit import (
     AMPTrainer,
     DistilBERTForMaskedLM,
@@ -12,6 +14,7 @@ from distilbert_kit import (
     create_mlm_dataloader,
     evaluate_classification_metrics,
 )
+from tests.cli import python
 
 TEXTS = [f"sentence number {i} is about {'cats' if i % 2 else 'dogs'} and the weather" for i in range(40)]
 LABELS = [i % 2 for i in range(40)]
@@ -58,13 +61,13 @@ def test_amp_trainer_mlm_and_precision_checks(tokenizer):
 
 @pytest.mark.slow
 def test_example_script_runs_offline():
-    import subprocess
-    import sys
-
-    from tests.distill.test_train import ROOT, env
-
-    proc = subprocess.run([sys.executable, "examples/train_distilbert.py", "--preset", "tiny", "--epochs", "1",
-                           "--max-train", "64", "--max-length", "32", "--precision", "fp32"],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = python("examples/train_distilbert.py", "--preset", "tiny", "--epochs", "1", "--max-train", "64",
+                  "--max-length", "32", "--precision", "fp32")
     assert "test accuracy" in proc.stdout and "confusion matrix" in proc.stdout
+
+
+def test_flat_api_reexports_every_name_of_students():
+    assert set(students.__all__) <= set(distilbert_kit.__all__)
+    assert all(getattr(distilbert_kit, name) is getattr(students, name) for name in students.__all__)
+    assert distilbert_kit.init_from_teacher is students.init_from_teacher
+

@@ -1,0 +1,106 @@
+"""The shared training mechanics: parameter groups, the optimizer step, the finiteness check, the atomic
+directory write, stable hashes."""
+
+import hashlib
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from distill.corpus import in_validation, stable_hash
+from distill.mechanics import (
+    DTYPES,
+    NonFiniteLoss,
+    OptimizerStep,
+    adamw,
+    atomic_directory,
+    parameter_groups,
+    require_finite,
+)
+
+
+def tiny_bert():
+    return BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=16, max_position_embeddings=16))
+
+
+def test_parameter_groups_decay_matrices_only_and_give_the_head_its_rate():
+    model = tiny_bert()
+    decay, no_decay, head = parameter_groups(model, 0.01, head="cls.", head_lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 and not names[id(p)].startswith("cls.") for p in decay["params"])
+    assert all(p.ndim < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert head["lr"] == 1e-3 and head["weight_decay"] == 0.0
+    assert {names[id(p)] for p in head["params"]} == {"cls.predictions.bias", "cls.predictions.transform.dense.weight",
+                                                      "cls.predictions.transform.dense.bias",
+                                                      "cls.predictions.transform.LayerNorm.weight",
+                                                      "cls.predictions.transform.LayerNorm.bias"}
+    # the decoder is tied to the word embeddings: it trains once, with the body
+    every = [id(p) for g in (decay, no_decay, head) for p in g["params"]]
+    assert len(every) == len(set(every)) == len(list(model.parameters()))
+    assert id(model.bert.embeddings.word_embeddings.weight) in {id(p) for p in decay["params"]}
+
+
+def test_optimizer_step_clips_steps_schedules_and_zeroes():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = adamw(parameter_groups(model, 0.0), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 ** s)
+    step = OptimizerStep(optimizer, scheduler, max_grad_norm=1e-3)
+    before = model.weight.detach().clone()
+    (1000 * model(torch.ones(2, 4)).sum()).backward()
+    norm = step(model.parameters())
+    assert norm > 1e-3  # the norm before clipping
+    assert model.weight.grad is None and scheduler.get_last_lr() == [0.05, 0.05]
+    assert not torch.equal(model.weight, before)
+    # discard: no update
+    (model(torch.ones(2, 4)).sum()).backward()
+    after = model.weight.detach().clone()
+    step.discard()
+    assert model.weight.grad is None and torch.equal(model.weight, after)
+
+
+def test_optimizer_step_with_a_grad_scaler_unscales_before_clipping():
+    model = torch.nn.Linear(4, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    step = OptimizerStep(torch.optim.SGD(model.parameters(), lr=0.0), None, 1e9, scaler=scaler)
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    norm = step(model.parameters())
+    expected = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]).norm()  # d/dw = x = 1, d/db = 1: unscaled
+    assert float(norm) == pytest.approx(float(expected))
+
+
+def test_require_finite_names_the_step_and_the_values():
+    require_finite({"total": 1.0, "ce": 0.5}, 3, "hint")
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 7 \(total nan, ce 0\.5\); stopped without "
+                                           r"updating\. lower the lr") as e:
+        require_finite({"total": float("nan"), "ce": 0.5}, 7, "lower the lr")
+    assert isinstance(e.value, FloatingPointError) and e.value.values["ce"] == 0.5
+    with pytest.raises(NonFiniteLoss, match="loss inf"):
+        require_finite(float("inf"), 1, "")
+
+
+def test_atomic_directory_replaces_on_success_and_keeps_the_old_on_failure(tmp_path):
+    out = tmp_path / "model"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one" and not tmp.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "a.txt").write_text("half-written")
+            raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "one" and not tmp.exists()
+    with atomic_directory(out) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+
+def test_stable_hashes_are_the_ones_the_splits_were_made_with():
+    # the topic task's split (md5 of the title) and the corpus split and masking seeds (64-bit blake2b)
+    assert stable_hash("Paris", "md5") == int(hashlib.md5(b"Paris").hexdigest(), 16)
+    assert stable_hash("some text") == int.from_bytes(hashlib.blake2b(b"some text", digest_size=8).digest(), "big")
+    assert in_validation("some text", 0.5) == (stable_hash("some text") % 1_000_000 < 500_000)
+
+
+def test_one_precision_table():
+    assert DTYPES["bf16"] is DTYPES["bfloat16"] is torch.bfloat16 and DTYPES["fp32"] is torch.float32
