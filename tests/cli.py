@@ -15,7 +15,7 @@ LAUNCH = ("-m", "accelerate.commands.launch")  # `accelerate launch`, with this 
 def env(**extra: str) -> dict[str, str]:
     """The environment of a command under test: offline, wandb disabled, this checkout importable, and
     no inherited OMP_NUM_THREADS (the kit sets its threads itself)."""
-    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT), **extra)
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), **extra}
     if "OMP_NUM_THREADS" not in extra:
         e.pop("OMP_NUM_THREADS", None)
     return e

@@ -287,7 +287,7 @@ def test_the_offline_hint_only_when_offline_was_our_choice(tmp_path, monkeypatch
 
 def test_distillation_logs_baseline_corpus_summary_and_model_to_wandb(tiny_teacher_dir, tmp_path, monkeypatch):
     from distill import tracking
-    from tests.distill.test_finetune import FakeRun
+    from tests.distill.downstream.test_finetune import FakeRun
 
     run = FakeRun()
     monkeypatch.setattr(tracking, "run_of", lambda accelerator: run)
