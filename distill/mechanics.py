@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.recipes import RecipeError
+
 logger = logging.getLogger(__name__)
 
 # Precision names (recipes spell the teacher's dtype `bfloat16`, mixed precision and AMPTrainer `bf16`).
@@ -34,8 +36,6 @@ def make_accelerator(section, **kwargs):
     `section.mixed_precision` is set to what the run actually uses, so the run directory's recipe.yaml
     records it; a precision this device would silently not use is refused (`check_precision`)."""
     from accelerate import Accelerator
-
-    from distill.recipes import RecipeError
 
     wanted = section.mixed_precision
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -53,8 +53,6 @@ def make_accelerator(section, **kwargs):
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
     """Refuse a precision the device would silently not use (Accelerate runs fp16-on-CPU as fp32)."""
-    from distill.recipes import RecipeError
-
     if mixed_precision == "fp16" and device.type == "cpu":
         raise RecipeError("train.mixed_precision=fp16 is not supported on CPUs (it would silently run in fp32); "
                           "use bf16 or no")

@@ -8,6 +8,8 @@ import pytest
 
 from tests.cli import ROOT, env
 
+pytestmark = pytest.mark.slow
+
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 API = BLOCKS[BLOCKS.index(next(b for b in BLOCKS if "create_model_config(\"distilbert-base-uncased (66M)\")" in b)):]
 

@@ -59,16 +59,16 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
     """Fine-tune `recipe.model` on `recipe.task`; writes recipe.yaml, metrics.jsonl, results.json and the
     best model (a transformers directory with its tokenizer) into recipe.output_dir, and returns the test
     accuracy / macro-F1 of the best model."""
-    cfg = recipe.train
+    train_cfg = recipe.train
     run_dir = Path(recipe.output_dir)
-    accelerator = make_accelerator(cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
+    accelerator = make_accelerator(train_cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
     hub.check_push(recipe.hub)
-    set_seed(cfg.seed)
+    set_seed(train_cfg.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
-    data = load_classification(recipe.task, seed=cfg.seed)
+    data = load_classification(recipe.task, seed=train_cfg.seed)
     logger.info("task %s: %s", recipe.task.source, data.stats)
     tokenizer = get_tokenizer(recipe.tokenizer or str(resolve_model_dir(recipe.model)))
     model = load_classifier(recipe.model, data.label_names)
@@ -77,25 +77,28 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
         teacher = load_classifier(recipe.distill.teacher, data.label_names).eval().requires_grad_(False)
         teacher.to(accelerator.device)
     max_len = recipe.task.max_length
-    train_dl = split_loader(data.splits["train"], tokenizer, cfg.batch_size, max_len, shuffle=True, seed=cfg.seed)
-    val_dl = split_loader(data.splits["validation"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
-    test_dl = split_loader(data.splits["test"], tokenizer, cfg.eval_batch_size, max_len, shuffle=False)
-    steps = len(train_dl) * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, len(train_dl) * cfg.epochs)
-    optimizer = adamw(parameter_groups(model, cfg.weight_decay), cfg.lr)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * steps), steps)
+    splits, batch, eval_batch = data.splits, train_cfg.batch_size, train_cfg.eval_batch_size
+    train_dl = split_loader(splits["train"], tokenizer, batch, max_len, shuffle=True, seed=train_cfg.seed)
+    val_dl = split_loader(splits["validation"], tokenizer, eval_batch, max_len, shuffle=False)
+    test_dl = split_loader(splits["test"], tokenizer, eval_batch, max_len, shuffle=False)
+    steps = len(train_dl) * train_cfg.epochs
+    if train_cfg.max_steps is not None:
+        steps = min(train_cfg.max_steps, steps)
+    optimizer = adamw(parameter_groups(model, train_cfg.weight_decay), train_cfg.lr)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(train_cfg.warmup_fraction * steps), steps)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    optimizer_step = OptimizerStep(optimizer, scheduler, cfg.clip_grad_norm, accelerator=accelerator)
+    optimizer_step = OptimizerStep(optimizer, scheduler, train_cfg.clip_grad_norm, accelerator=accelerator)
     tracking.start(accelerator, recipe.tracking, run_dir, recipe.to_dict(), None,
                    group=tracking.group_of(recipe.tracking, run_dir, recipe.model), job_type="finetune")
     metrics_file = tracking.MetricsFile(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    eval_every = cfg.eval_every or len(train_dl)
+    eval_every = train_cfg.eval_every or len(train_dl)
     raw = accelerator.unwrap_model(model)
 
     best, best_step, bad_evals, history = -math.inf, 0, 0, []
     best_dir = run_dir / ".best"  # the best model so far; moved into run_dir at the end
     step, t0, stop = 0, time.perf_counter(), False
     bar = tqdm(total=steps, desc="finetune", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
+    for epoch in range(train_cfg.epochs):
         for batch in train_dl:
             model.train()
             with accelerator.autocast():
@@ -111,7 +114,7 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
             optimizer_step(model.parameters())
             step += 1
             bar.update(1)
-            if step % cfg.log_every == 0:
+            if step % train_cfg.log_every == 0:
                 record = {"step": step, "epoch": epoch, "loss/train": loss.item(), "lr": scheduler.get_last_lr()[0]}
                 accelerator.log(record, step=step)
                 metrics_file.write(record)
@@ -125,14 +128,14 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
                 metrics_file.write(record)
                 bar.write(f"step {step}: validation accuracy {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}",
                           file=sys.stderr)
-                if val[cfg.metric] > best:
-                    best, best_step, bad_evals = val[cfg.metric], step, 0
+                if val[train_cfg.metric] > best:
+                    best, best_step, bad_evals = val[train_cfg.metric], step, 0
                     if accelerator.is_main_process:
                         with atomic_directory(best_dir) as tmp:
                             hub.save_model(raw, tokenizer, tmp)
                 else:
                     bad_evals += 1
-                    stop = bad_evals >= cfg.patience
+                    stop = bad_evals >= train_cfg.patience
                 accelerator.wait_for_everyone()
             if stop or step >= steps:
                 break
