@@ -158,6 +158,44 @@ def paired_bootstrap_diff(a: Sequence[float], b: Sequence[float], confidence: fl
     return Interval(out.estimate, out.low, out.high, out.n, f"paired bootstrap, {out.n} examples")
 
 
+def paired_bootstrap_ratio(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, n_boot: int = 10_000,
+                           seed: int = 0) -> Interval:
+    """mean(a) / mean(b) for two models scored on the same examples (e.g. student and teacher accuracy),
+    with a percentile interval from resampling the examples jointly."""
+    if len(a) != len(b):
+        raise ValueError(f"paired runs need the same examples ({len(a)} vs {len(b)})")
+    x, y = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    n = x.numel()
+    idx = torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))
+    ratios = x[idx].mean(1) / y[idx].mean(1).clamp(min=1e-12)
+    q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(ratios, q)
+    return Interval((x.mean() / y.mean()).item(), lo.item(), hi.item(), n, f"paired bootstrap ratio, {n} examples")
+
+
+def binomial_ratio_ci(pa: float, na: int, pb: float, nb: int, confidence: float = 0.95) -> Interval:
+    """pa / pb for two accuracies on na and nb independent examples, with a delta-method interval on the log
+    ratio (for accuracies of two models on the same examples it is conservative: their errors correlate)."""
+    if min(pa, pb) <= 0:
+        raise ValueError("binomial_ratio_ci needs accuracies > 0")
+    se = math.sqrt((1 - pa) / (pa * na) + (1 - pb) / (pb * nb))
+    z = -_normal_quantile((1 - confidence) / 2)
+    r = pa / pb
+    return Interval(r, r * math.exp(-z * se), r * math.exp(z * se), min(na, nb), "binomial, log-ratio delta method")
+
+
+def _normal_quantile(p: float) -> float:
+    """The standard normal quantile (inverse CDF) by bisection on erf."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error of an accuracy p measured on n independent examples: sqrt(p (1 - p) / n)."""
     return math.sqrt(p * (1 - p) / n)

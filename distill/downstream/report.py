@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from distill import stats
 from distill.downstream import measure, render
 from distill.downstream.render import Row
 from distill.mechanics import Latency, latency
@@ -60,6 +61,10 @@ def take_measurements(args: argparse.Namespace) -> Measurements:
     return Measurements(encoders, timed, mlm, finetunes)
 
 
+def with_interval(ratio: stats.Interval) -> str:
+    return f"{ratio.estimate:.1%} (95 % CI {ratio.low:.1%}–{ratio.high:.1%})"
+
+
 def comparison_rows(m: Measurements) -> list[Row]:
     teacher, student = m.encoders["teacher"], m.encoders["student"]
 
@@ -67,6 +72,9 @@ def comparison_rows(m: Measurements) -> list[Row]:
         got = {name: f.test[key] for name, f in m.finetunes.items()}
         cells = [f"{got[name]:.4f}" if name in got else "—" for name in ("teacher", "student")]
         ratio = f"{got['student'] / got['teacher']:.1%}" if len(got) == 2 else "—"
+        correct = [m.finetunes[name].test.get("correct") for name in ("student", "teacher") if name in got]
+        if key == "accuracy" and len(correct) == 2 and all(correct) and len(correct[0]) == len(correct[1]):
+            ratio = with_interval(stats.paired_bootstrap_ratio(*correct))  # the same test examples
         return Row(label, *cells, ratio)
 
     rows = [Row("parameters", f"{teacher.parameters:,}", f"{student.parameters:,}",
@@ -78,8 +86,11 @@ def comparison_rows(m: Measurements) -> list[Row]:
         rows.append(Row(f"CPU latency, batch {batch} x 128 (ms, median (IQR))", str(t), str(s),
                         f"{t.median / s.median:.2f}x faster"))
     if m.mlm:
-        t, s = m.mlm["teacher"]["mlm_accuracy"], m.mlm["student"]["mlm_accuracy"]
-        rows.append(Row("held-out masked-token accuracy", f"{t:.4f}", f"{s:.4f}", f"{s / max(t, 1e-9):.1%}"))
+        t, s = m.mlm["teacher"], m.mlm["student"]
+        ratio = (with_interval(stats.binomial_ratio_ci(s["mlm_accuracy"], s["tokens"], t["mlm_accuracy"], t["tokens"]))
+                 if min(s["mlm_accuracy"], t["mlm_accuracy"]) > 0 else "—")
+        rows.append(Row("held-out masked-token accuracy", f"{t['mlm_accuracy']:.4f}", f"{s['mlm_accuracy']:.4f}",
+                        ratio))
     rows.append(downstream("accuracy", "downstream test accuracy"))
     rows.append(downstream("macro_f1", "downstream test macro-F1"))
     return rows

@@ -53,3 +53,22 @@ def test_paired_bootstrap_resolves_a_real_difference_and_not_noise():
     assert diff.estimate == 0 and not diff.resolved
     with pytest.raises(ValueError, match="same examples"):
         stats.paired_bootstrap_diff(base, base[:-1])
+
+
+def test_ratio_intervals_of_known_cases():
+    # the normal quantile the delta method uses
+    assert -stats._normal_quantile(0.025) == pytest.approx(1.959964, abs=1e-6)
+    # log-ratio delta method: se^2 = (1 - pa) / (pa na) + (1 - pb) / (pb nb)
+    ci = stats.binomial_ratio_ci(0.3, 10_000, 0.4, 10_000)
+    se = math.sqrt(0.7 / 3000 + 0.6 / 4000)
+    assert ci.estimate == pytest.approx(0.75)
+    assert ci.low == pytest.approx(0.75 * math.exp(-1.959964 * se), rel=1e-6)
+    assert ci.high == pytest.approx(0.75 * math.exp(1.959964 * se), rel=1e-6)
+    # paired bootstrap of a ratio: identical runs give exactly 1; a student right on 90 % of the examples the
+    # teacher gets right (and no others) has ratio 0.9 with an interval that excludes 1
+    teacher = [1] * 900 + [0] * 100
+    assert stats.paired_bootstrap_ratio(teacher, teacher).half_width == 0
+    student = [1] * 810 + [0] * 190
+    r = stats.paired_bootstrap_ratio(student, teacher)
+    assert r.estimate == pytest.approx(0.9) and r.low < 0.9 < r.high and r.high < 1
+    assert r.half_width == pytest.approx(1.96 * math.sqrt(0.9 * 0.1 / 900), rel=0.15)  # the conditional binomial

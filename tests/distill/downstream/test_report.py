@@ -47,6 +47,9 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     lat = summary["latency_ms"]["student"]
     assert set(lat) == {"1", "32"} and all(v["median"] > 0 and v["iqr"] >= 0 and v["blocks"] >= 2 for v in lat.values())
     assert "median (IQR)" in md
+    # student / teacher test accuracy with its paired-bootstrap interval over the same test articles
+    (accuracy_row,) = [x for x in md.splitlines() if x.startswith("| downstream test accuracy |")]
+    assert "(95 % CI " in accuracy_row
     for png in ("training_curves.png", "confusion_student.png", "confusion_teacher.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same report in wandb: table, figures as images, grouped with the distillation run
