@@ -17,7 +17,7 @@ from transformers import DistilBertConfig
 from distill import hub, rundir, tracking
 from distill.adapt import adapt_teacher
 from distill.corpus import check_files, corpus_identity
-from distill.mechanics import DTYPES, check_precision
+from distill.mechanics import DTYPES
 from distill.recipe_loader import deep_merge
 from distill.recipes import Recipe, RecipeError
 from distill.step import layer_pairs
@@ -134,11 +134,11 @@ def check_distribution(accelerator) -> None:
                           "(it applies FSDP on GPUs only); drop --use_fsdp, or launch on GPUs")
 
 
-def preflight(recipe: Recipe, tokenizer, device: torch.device, world: int) -> None:
+def preflight(recipe: Recipe, tokenizer, world: int) -> None:
     """Every check that needs no corpus and no weights, before any slow work (tokenizing, adapting,
-    loading): precision, the teacher's config and files, vocabulary, positions, student shape."""
+    loading): data files, the Hub push, the teacher's config and files, vocabulary, positions, student
+    shape. (The precision on this device is checked when the Accelerator is made.)"""
     student_cfg, batch_size = recipe.student, recipe.train.batch_size
-    check_precision(recipe.train.mixed_precision, device)
     check_files(recipe.data)
     hub.check_push(recipe.hub)
     if batch_size % world:

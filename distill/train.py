@@ -125,7 +125,7 @@ def adapt_only(recipe: Recipe) -> dict[str, Any]:
     accelerator = make_accelerator(recipe.train)
     build.check_distribution(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
-    build.preflight(recipe, tokenizer, accelerator.device, accelerator.num_processes)
+    build.preflight(recipe, tokenizer, accelerator.num_processes)
     with accelerator.main_process_first():
         corpus = build_corpus(recipe.data, tokenizer)
     path = build.adapted_teacher(recipe, tokenizer, corpus, accelerator)
@@ -143,7 +143,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     rundir.stop_with_launcher()
     build.check_distribution(accelerator)
     tokenizer = get_tokenizer(recipe.tokenizer)
-    build.preflight(recipe, tokenizer, accelerator.device, accelerator.num_processes)
+    build.preflight(recipe, tokenizer, accelerator.num_processes)
     if run_dir.exists() and not run_dir.is_dir():
         raise rundir.RunDirError(f"output_dir {run_dir} is a file, not a directory; choose another output_dir")
     lock = rundir.RunLock(run_dir)
