@@ -123,6 +123,9 @@ class VariantMetrics:
     def runs(self, key: str) -> list[float]:
         return self.mlm_runs if key == "mlm" else self.topic_runs
 
+    def interval(self, key: str) -> stats.Interval:
+        return self.mlm if key == "mlm" else self.topic
+
 
 def _last_eval(run: Path) -> tuple[float, int]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

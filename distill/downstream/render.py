@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from distill.downstream.measure import Variant, difference, variant_metrics
+from distill.downstream.measure import VariantMetrics, difference
 
 
 class Row(NamedTuple):
@@ -99,27 +99,26 @@ def plot_confusion(results: dict, title: str, out: Path, name: str) -> str:
     return path.name
 
 
-def ablation_table(variants: list[Variant]) -> list[str]:
+def ablation_table(variants: list[tuple[str, VariantMetrics]]) -> list[str]:
     """Markdown: each variant's metrics (mean ± 95 % CI half-width, in points) and its difference to the
     first variant (the baseline), marked ✓ where the interval excludes 0 (a resolved difference)."""
-    got = [(v, variant_metrics(v)) for v in variants]
-    base_name, base = got[0][0].name, got[0][1]
+    base_name, base = variants[0]
     lines = ["## Ablation", "",
              f"Mean ± 95 % CI half-width, in points. Δ: difference to `{base_name}` with its 95 % CI; ✓ marks a "
              "resolved difference (the interval excludes 0). Intervals: across seeds (Student t / Welch) when a "
              "variant has several runs, else over masked tokens (binomial) and test examples (bootstrap, paired).",
              "", "| variant | seeds | held-out MLM accuracy | Δ MLM | topic test accuracy | Δ topics |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for v, m in got:
+    for i, (name, m) in enumerate(variants):
         cells = []
         for key in ("mlm", "topic"):
-            if v.name == base_name:
-                cells += [getattr(m, key).fmt(), "—"]
+            if i == 0:
+                cells += [m.interval(key).fmt(), "—"]
                 continue
             d = difference(m, base, key)
             mark = " ✓" if d.resolved else ""
-            cells += [getattr(m, key).fmt(), f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}{mark}"]
-        lines.append(f"| {v.name} | {m.seeds} | {' | '.join(cells)} |")
+            cells += [m.interval(key).fmt(), f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}{mark}"]
+        lines.append(f"| {name} | {m.seeds} | {' | '.join(cells)} |")
     return lines
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
              "through the kit's DistilBERT implementation, torch.utils.benchmark blocks", "",
              *render.comparison_table(rows)]
     if variants:
-        lines += ["", *render.ablation_table(variants)]
+        lines += ["", *render.ablation_table([(v.name, measure.variant_metrics(v)) for v in variants])]
     lines += [""] + [f"![{f}]({f})" for f in figures]
     (args.output / "report.md").write_text("\n".join(lines) + "\n")
     summary = m.summary()

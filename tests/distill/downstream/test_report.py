@@ -82,13 +82,14 @@ def test_ablation_intervals_across_seeds_and_single_runs(tmp_path):
     def spec(name, pairs):
         return f"{name}={'+'.join(str(d) for d, _ in pairs)},{'+'.join(str(f) for _, f in pairs)}"
 
-    lines = render.ablation_table([measure.parse_ablation(spec("base", base)),
-                                   measure.parse_ablation(spec("better", better))])
+    def table(*specs):
+        return render.ablation_table([(v.name, measure.variant_metrics(v)) for v in map(measure.parse_ablation, specs)])
+
+    lines = table(spec("base", base), spec("better", better))
     row = [x for x in lines if x.startswith("| better |")][0]
     # MLM +6.3 points across 3 seeds: resolved; topics +0.2 points with seed noise of ~0.5: not resolved
     assert "| 3 | 33.3 ± " in row and "+6.3 ± " in row and "| +0.2 ± " in row and row.count("✓") == 1
-    single = render.ablation_table([measure.parse_ablation(spec("base", base[:1])),
-                                    measure.parse_ablation(spec("better", better[:1]))])
+    single = table(spec("base", base[:1]), spec("better", better[:1]))
     row = [x for x in single if x.startswith("| better |")][0]
     # one run each: MLM 33.0 vs 27.0 on 40,000 tokens (resolved); topics 93.2 vs 93.0 on the same 925 test
     # examples (862 vs 860 correct, the 860 a subset of the 862): +0.2 points, unresolved
