@@ -3,8 +3,11 @@ evaluator that distillation, teacher adaptation, the report and the flat API sha
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -83,32 +86,86 @@ def masked_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return model(input_ids, attention_mask=attention_mask).logits[rows]
 
 
+@dataclass
+class MaskedLMScores:
+    """One masked-LM evaluation token by token: which scored tokens the model predicted right (in batch
+    order), the summed cross-entropy, and a fingerprint of what was scored (every batch's inputs, attention
+    mask and labels), so two evaluations are paired token by token only when they scored the same tokens."""
+
+    correct: torch.Tensor  # (N,) bool
+    loss_sum: float
+    fingerprint: str
+
+    def metrics(self) -> dict[str, float]:
+        n = self.correct.numel()
+        return {"mlm_loss": self.loss_sum / max(n, 1), "mlm_accuracy": int(self.correct.sum()) / max(n, 1),
+                "tokens": int(n)}
+
+
+def fingerprint_batch(digest, batch: dict[str, torch.Tensor]) -> None:
+    for key in ("input_ids", "attention_mask", "labels"):
+        digest.update(key.encode())
+        digest.update(batch[key].detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+
+
 @torch.no_grad()
-def masked_lm_metrics(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """Masked-token cross-entropy (summed over tokens, then divided by their number) and top-1 accuracy of
-    a masked LM over collated batches {input_ids, attention_mask, labels (-100: not scored)}, in eval mode
-    (a module's training mode is restored after)."""
+def masked_lm_scores(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> MaskedLMScores:
+    """Per-token correctness and summed cross-entropy of a masked LM over collated batches {input_ids,
+    attention_mask, labels (-100: not scored)}, in eval mode (a module's training mode is restored after)."""
     was_training = getattr(model, "training", False)
     if isinstance(model, torch.nn.Module):
         model.eval()
-    loss = correct = total = 0.0
+    digest = hashlib.sha256()
+    loss, correct = 0.0, []
     for batch in batches:
+        fingerprint_batch(digest, batch)
         b = {k: v.to(device) for k, v in batch.items()}
         rows = b["labels"] != -100
         logits = masked_logits(model, b["input_ids"], b["attention_mask"], rows).float()  # (N, V)
         target = b["labels"][rows]
         loss += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(-1) == target).sum().item()
-        total += target.numel()
+        correct.append((logits.argmax(-1) == target).cpu())
     if isinstance(model, torch.nn.Module):
         model.train(was_training)
-    return {"mlm_loss": loss / max(total, 1), "mlm_accuracy": correct / max(total, 1), "tokens": int(total)}
+    return MaskedLMScores(torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool), loss,
+                          digest.hexdigest())
+
+
+def masked_lm_metrics(model: Any, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Masked-token cross-entropy (summed over tokens, then divided by their number) and top-1 accuracy of
+    a masked LM over collated batches (`masked_lm_scores`)."""
+    return masked_lm_scores(model, batches, device).metrics()
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+
+
+def pack_correct(correct: torch.Tensor) -> str:
+    """Per-token correctness (bool) as base64 of its bits (8 tokens a byte): JSON-safe, ~11 KB per 88K tokens."""
+    bits = torch.zeros(-(-correct.numel() // 8) * 8, dtype=torch.uint8)
+    bits[:correct.numel()] = correct.flatten().to(torch.uint8)
+    packed = (bits.view(-1, 8) * _BIT_WEIGHTS).sum(1).to(torch.uint8)  # first token = high bit, as np.packbits
+    return base64.b64encode(packed.numpy().tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> torch.Tensor:
+    """The inverse of `pack_correct` for n tokens."""
+    packed = torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8)
+    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(torch.uint8)).ne(0).flatten()
+    if bits.numel() < n or bits.numel() - n >= 8:
+        raise ValueError(f"packed correctness holds {bits.numel()} bits, not {n} tokens")
+    return bits[:n].clone()
 
 
 def evaluate_mlm(model: Any, batches: list[list[dict]], collator: Callable, device: torch.device) -> dict[str, float]:
     """`masked_lm_metrics` over fixed held-out batches of examples, masked by `collator` (their seeds fix
     the masks, so every evaluation scores the same tokens)."""
-    return masked_lm_metrics(model, (collator(examples) for examples in batches), device)
+    return score_mlm(model, batches, collator, device).metrics()
+
+
+def score_mlm(model: Any, batches: list[list[dict]], collator: Callable, device: torch.device) -> MaskedLMScores:
+    """`masked_lm_scores` over fixed held-out batches of examples, masked by `collator`."""
+    return masked_lm_scores(model, (collator(examples) for examples in batches), device)
 
 
 def compute_mlm_loader_loss(model: torch.nn.Module, dataloader) -> dict[str, float]:

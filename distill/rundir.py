@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
 # What a run writes into its directory (removed by an explicit --overwrite; nothing else is touched).
-RUN_FILES = ("checkpoints", "student", "metrics.jsonl", "recipe.yaml", "teacher", "wandb")
+RUN_FILES = ("checkpoints", "student", "metrics.jsonl", "heldout.json", "recipe.yaml", "teacher", "wandb")
 
 
 class RunDirError(ValueError):

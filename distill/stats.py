@@ -4,6 +4,8 @@
     bootstrap_ci(per_example)          a single run's metric with a percentile bootstrap over test examples
     welch_diff_ci(a, b)                difference of two variants' means across seeds (Welch's t interval)
     paired_bootstrap_diff(a, b)        difference of two single runs on the same test examples (paired)
+    paired_proportion_diff(a, b)       difference of two accuracies on the same items (0/1 each), analytic (Wald)
+    paired_proportion_ratio(a, b)      ratio of two accuracies on the same items (delta method on the log ratio)
     binomial_se(p, n)                  the standard error of an accuracy p on n examples
 
 An interval that excludes 0 marks a difference as *resolved*. No dependency beyond the standard library
@@ -182,6 +184,45 @@ def binomial_ratio_ci(pa: float, na: int, pb: float, nb: int, confidence: float 
     z = -_normal_quantile((1 - confidence) / 2)
     r = pa / pb
     return Interval(r, r * math.exp(-z * se), r * math.exp(z * se), min(na, nb), "binomial, log-ratio delta method")
+
+
+def _paired_counts(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> tuple[float, ...]:
+    x, y = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
+    if x.numel() != y.numel() or x.numel() == 0:
+        raise ValueError(f"paired accuracies need the same, non-empty items ({x.numel()} vs {y.numel()})")
+    if not bool(((x == 0) | (x == 1)).all() and ((y == 0) | (y == 1)).all()):
+        raise ValueError("paired accuracies need 0/1 correctness per item")
+    n = x.numel()
+    return x.mean().item(), y.mean().item(), (x * y).mean().item(), n
+
+
+def paired_proportion_diff(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor,
+                           confidence: float = 0.95) -> Interval:
+    """mean(a) - mean(b) for two 0/1 correctness vectors on the same items (two models on the same masked
+    tokens), with the Wald interval for dependent proportions (McNemar's setting): Var = ((p10 + p01) -
+    (p10 - p01)^2) / n, p10 / p01 the shares of items only a / only b got right. Pairing removes the
+    item-difficulty variance the two share, so it resolves far smaller differences than two binomials."""
+    pa, pb, p11, n = _paired_counts(a, b)
+    p10, p01 = pa - p11, pb - p11
+    d = pa - pb
+    se = math.sqrt(max((p10 + p01) - d * d, 0.0) / n)
+    z = -_normal_quantile((1 - confidence) / 2)
+    return Interval(d, d - z * se, d + z * se, n, f"paired (McNemar-Wald), {n} items")
+
+
+def paired_proportion_ratio(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor,
+                            confidence: float = 0.95) -> Interval:
+    """mean(a) / mean(b) for two 0/1 correctness vectors on the same items, with a delta-method interval on
+    the log ratio that includes their covariance: Var(log r) = (Var a / pa^2 + Var b / pb^2 - 2 Cov / (pa pb))
+    / n, Cov = p11 - pa pb."""
+    pa, pb, p11, n = _paired_counts(a, b)
+    if min(pa, pb) <= 0:
+        raise ValueError("paired_proportion_ratio needs accuracies > 0")
+    var = (pa * (1 - pa) / pa**2 + pb * (1 - pb) / pb**2 - 2 * (p11 - pa * pb) / (pa * pb)) / n
+    se = math.sqrt(max(var, 0.0))
+    z = -_normal_quantile((1 - confidence) / 2)
+    r = pa / pb
+    return Interval(r, r * math.exp(-z * se), r * math.exp(z * se), n, f"paired, log-ratio delta method, {n} items")
 
 
 def _normal_quantile(p: float) -> float:

@@ -30,7 +30,7 @@ from distill.corpus import Corpus, build_corpus, token_frequencies
 from distill.flops import ThroughputMeter, peak_tflops
 from distill.masking import MLMCollator, standard_masking
 from distill.mechanics import NonFiniteLoss, adamw, make_accelerator, parameter_groups
-from distill.metrics import evaluate_mlm
+from distill.metrics import MaskedLMScores, pack_correct, score_mlm
 from distill.recipes import Recipe, RecipeError
 from distill.step import DistillationModel, DistillationStep, StepResult, compile_blocks, layer_pairs
 from students.tokenizer import get_tokenizer
@@ -46,22 +46,26 @@ def _warn_line(message: str) -> None:
 # ------------------------------------------------------------------------------------------ components
 class Evaluator:
     """Held-out masked-LM accuracy on fixed validation batches with standard masks (comparable across runs
-    and with the teacher), on its own cadence: every `every` steps and at the last step, main process only."""
+    and with the teacher), on its own cadence: every `every` steps and at the last step, main process only.
+    The last step's evaluation is also kept token by token in `heldout.json` (`write_heldout`), so runs
+    evaluated on the same tokens can be compared paired (distill.downstream.measure)."""
 
     def __init__(self, accelerator, batches: list[list[dict]], collator: MLMCollator, metrics: tracking.MetricsFile,
-                 every: int, last_step: int):
+                 every: int, last_step: int, heldout: Path):
         self.accelerator, self.batches, self.collator, self.metrics = accelerator, batches, collator, metrics
-        self.every, self.last_step = every, last_step
+        self.every, self.last_step, self.heldout = every, last_step, heldout
         self.teacher: dict[str, float] = {}  # the baseline, measured once
         self.student: dict[str, float] = {}  # the latest evaluation
+        self.teacher_scores: MaskedLMScores | None = None
 
-    def evaluate(self, model) -> dict[str, float]:
-        return evaluate_mlm(model, self.batches, self.collator, self.accelerator.device)
+    def evaluate(self, model) -> MaskedLMScores:
+        return score_mlm(model, self.batches, self.collator, self.accelerator.device)
 
     def baseline(self, teacher, step: int, corpus: Corpus) -> None:
         if not self.accelerator.is_main_process:
             return
-        self.teacher = self.evaluate(teacher)
+        self.teacher_scores = self.evaluate(teacher)
+        self.teacher = self.teacher_scores.metrics()
         logger.info("teacher held-out MLM: %s", self.teacher)
         self.accelerator.log({f"teacher/{k}": v for k, v in self.teacher.items()}, step=step)
         tracking.log_config(self.accelerator, {"corpus": corpus.stats, "teacher_baseline": self.teacher})
@@ -72,13 +76,32 @@ class Evaluator:
         if step % self.every and step != self.last_step:
             return
         if self.accelerator.is_main_process:
-            self.student = self.evaluate(student)
+            scores = self.evaluate(student)
+            self.student = scores.metrics()
             record = {"step": step, **{f"eval/student_{k}": v for k, v in self.student.items()},
                       **{f"eval/teacher_{k}": v for k, v in self.teacher.items()}}
             self.accelerator.log(record, step=step)
             self.metrics.write(record)
+            if step == self.last_step:
+                write_heldout(self.heldout, step, scores, self.teacher_scores)
             tqdm.write(f"step {step}: student {self.student} teacher {self.teacher}", file=sys.stderr)
         self.accelerator.wait_for_everyone()
+
+
+HELDOUT = "heldout.json"
+
+
+def write_heldout(path: Path, step: int, student: MaskedLMScores, teacher: MaskedLMScores | None) -> None:
+    """The last evaluation token by token (written atomically): the fingerprint of the scored tokens, and
+    the student's and teacher's per-token correctness, packed (distill.metrics.pack_correct)."""
+    models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+    record = {"step": step, "tokens": student.correct.numel(), "fingerprint": student.fingerprint,
+              **{name: {**s.metrics(), "correct": pack_correct(s.correct)} for name, s in models.items()}}
+    if teacher is not None and teacher.fingerprint != student.fingerprint:  # (cannot happen: same batches)
+        raise RuntimeError("the teacher and the student were scored on different held-out tokens")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
 
 
 class Progress:
@@ -231,7 +254,7 @@ def _train(recipe: Recipe, accelerator, tokenizer, overwrite: bool) -> dict[str,
     validation = eval_batches(corpus.validation, max(1, train_cfg.batch_size // world), train_cfg.eval_batches,
                               train_cfg.seed, train_cfg.eval_mask_draws)
     evaluator = Evaluator(accelerator, validation, MLMCollator(tokenizer, standard_masking(recipe.masking)), metrics,
-                          train_cfg.eval_every, train_cfg.max_steps)
+                          train_cfg.eval_every, train_cfg.max_steps, run_dir / HELDOUT)
     evaluator.baseline(teacher, start, corpus)
     checkpointer = checkpoint.Checkpointer(parts, run_dir, train_cfg.save_every, train_cfg.max_steps,
                                            train_cfg.keep_checkpoints)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from distill import stats
+from distill.metrics import unpack_correct
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -98,71 +99,108 @@ class Variant:
 
 
 def parse_ablation(spec: str) -> Variant:
-    """NAME=DISTILL_RUN[+DISTILL_RUN...],FINETUNE_RUN[+FINETUNE_RUN...] (one run per seed)."""
+    """NAME=DISTILL_RUN[+DISTILL_RUN...][,FINETUNE_RUN[+FINETUNE_RUN...]] (one run per seed; without fine-tunes
+    the variant has held-out MLM only)."""
     name, _, runs = spec.partition("=")
     d_runs, _, f_runs = runs.partition(",")
     variant = Variant(name, [Path(x) for x in d_runs.split("+") if x], [Path(x) for x in f_runs.split("+") if x])
-    if not variant.distill_runs or len(variant.distill_runs) != len(variant.finetune_runs):
-        raise SystemExit(f"error: --ablation {spec!r}: give NAME=D1[+D2...],F1[+F2...] with one fine-tune per run")
+    if not name or not variant.distill_runs or len(variant.finetune_runs) not in (0, len(variant.distill_runs)):
+        raise SystemExit(f"error: --ablation {spec!r}: give NAME=D1[+D2...][,F1[+F2...]] with one fine-tune per "
+                         "distillation run, or none")
     return variant
+
+
+@dataclass
+class HeldOut:
+    """A distillation run's last held-out MLM evaluation: accuracy over `tokens` masked tokens, and, where the
+    run kept it (heldout.json), per-token correctness with the fingerprint of the tokens scored."""
+
+    accuracy: float
+    tokens: int
+    correct: torch.Tensor | None = None
+    fingerprint: str | None = None
 
 
 @dataclass
 class VariantMetrics:
     """A variant's held-out MLM and topic accuracy with 95 % intervals, and what their differences need:
-    the per-seed values, and for a single run the masked-token count and per-example test results."""
+    the per-seed values, and for a single run the per-token (MLM) and per-example (topics) results. `topic`
+    is None for a variant without fine-tunes."""
 
     mlm: stats.Interval
-    topic: stats.Interval
+    topic: stats.Interval | None
     seeds: int
     mlm_runs: list[float]
     topic_runs: list[float]
     correct: list[int] | None = None  # per test example, single runs only
-    mlm_tokens: int | None = None  # masked tokens evaluated, single runs only
+    heldout: HeldOut | None = None  # single runs only
 
     def runs(self, key: str) -> list[float]:
         return self.mlm_runs if key == "mlm" else self.topic_runs
 
-    def interval(self, key: str) -> stats.Interval:
+    def interval(self, key: str) -> stats.Interval | None:
         return self.mlm if key == "mlm" else self.topic
 
 
-def _last_eval(run: Path) -> tuple[float, int]:
+def last_heldout(run: Path) -> HeldOut:
+    """The last evaluation in metrics.jsonl, with heldout.json's per-token results when that file belongs to
+    it (same step, same accuracy)."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/student_mlm_accuracy" in r]
     if not evals:
         raise SystemExit(f"error: {run}/metrics.jsonl has no evaluation")
-    return evals[-1]["eval/student_mlm_accuracy"], int(evals[-1].get("eval/student_tokens", 0))
+    last = evals[-1]
+    got = HeldOut(last["eval/student_mlm_accuracy"], int(last.get("eval/student_tokens", 0)))
+    path = run / "heldout.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        student = record.get("student", {})
+        if record.get("step") == last["step"] and student.get("mlm_accuracy") == got.accuracy:
+            got.correct = unpack_correct(student["correct"], int(record["tokens"]))
+            got.fingerprint = record["fingerprint"]
+    return got
 
 
 def variant_metrics(variant: Variant) -> VariantMetrics:
     """Intervals across seeds (Student t) when the variant has several runs; for one run, a binomial
     interval over the masked tokens (MLM) and a bootstrap over the test examples (topics)."""
-    mlm = [_last_eval(r) for r in variant.distill_runs]
+    mlm = [last_heldout(r) for r in variant.distill_runs]
     results = [json.loads((r / "results.json").read_text()) for r in variant.finetune_runs]
     topic = [r["test"]["accuracy"] for r in results]
     if len(mlm) > 1:
-        return VariantMetrics(stats.mean_ci([a for a, _ in mlm]), stats.mean_ci(topic), len(mlm),
-                              [a for a, _ in mlm], topic)
-    (acc, n), = mlm
-    se = stats.binomial_se(acc, max(n, 1))
-    mlm_ci = stats.Interval(acc, acc - 1.96 * se, acc + 1.96 * se, n, f"binomial, {n} masked tokens")
-    correct = results[0]["test"].get("correct")
-    topic_ci = (stats.bootstrap_ci(correct) if correct else
-                stats.Interval(topic[0], -math.inf, math.inf, 1, "no per-example results"))
-    return VariantMetrics(mlm_ci, topic_ci, 1, [acc], topic, correct, n)
+        accs = [h.accuracy for h in mlm]
+        return VariantMetrics(stats.mean_ci(accs), stats.mean_ci(topic) if topic else None, len(mlm), accs, topic)
+    (h,) = mlm
+    se = stats.binomial_se(h.accuracy, max(h.tokens, 1))
+    mlm_ci = stats.Interval(h.accuracy, h.accuracy - 1.96 * se, h.accuracy + 1.96 * se, h.tokens,
+                            f"binomial, {h.tokens} masked tokens")
+    correct = results[0]["test"].get("correct") if results else None
+    topic_ci = None
+    if results:
+        topic_ci = (stats.bootstrap_ci(correct) if correct else
+                    stats.Interval(topic[0], -math.inf, math.inf, 1, "no per-example results"))
+    return VariantMetrics(mlm_ci, topic_ci, 1, [h.accuracy], topic, correct, h)
 
 
-def difference(a: VariantMetrics, b: VariantMetrics, key: str) -> stats.Interval:
-    """a - b for metric `key` ("mlm" or "topic") with a 95 % interval: Welch across seeds, a paired
-    bootstrap over the same test examples for single runs (topics), or two independent binomials (MLM)."""
+def difference(a: VariantMetrics, b: VariantMetrics, key: str) -> stats.Interval | None:
+    """a - b for metric `key` ("mlm" or "topic") with a 95 % interval: Welch across seeds; for single runs,
+    paired on the same items where both kept per-item results (topics: a paired bootstrap over the same test
+    examples; MLM: McNemar-Wald over the same masked tokens, checked by their fingerprint), else two
+    independent binomials (MLM). None when either variant lacks the metric. A single run's interval covers
+    the sampling of test items only, not the variation between training seeds."""
+    if a.interval(key) is None or b.interval(key) is None:
+        return None
     if a.seeds > 1 and b.seeds > 1:
         return stats.welch_diff_ci(a.runs(key), b.runs(key))
     if key == "topic" and a.correct and b.correct and len(a.correct) == len(b.correct):
         return stats.paired_bootstrap_diff(a.correct, b.correct)
-    if key == "mlm" and a.mlm_tokens and b.mlm_tokens:
-        pa, pb = a.mlm_runs[0], b.mlm_runs[0]
-        se = math.sqrt(stats.binomial_se(pa, a.mlm_tokens) ** 2 + stats.binomial_se(pb, b.mlm_tokens) ** 2)
-        return stats.Interval(pa - pb, pa - pb - 1.96 * se, pa - pb + 1.96 * se, a.mlm_tokens, "two binomials")
+    if key == "mlm" and a.heldout and b.heldout:
+        ha, hb = a.heldout, b.heldout
+        if ha.correct is not None and hb.correct is not None and ha.fingerprint == hb.fingerprint:
+            return stats.paired_proportion_diff(ha.correct, hb.correct)
+        if ha.tokens and hb.tokens:
+            pa, pb = ha.accuracy, hb.accuracy
+            se = math.sqrt(stats.binomial_se(pa, ha.tokens) ** 2 + stats.binomial_se(pb, hb.tokens) ** 2)
+            return stats.Interval(pa - pb, pa - pb - 1.96 * se, pa - pb + 1.96 * se, ha.tokens, "two binomials")
     est = sum(a.runs(key)) / len(a.runs(key)) - sum(b.runs(key)) / len(b.runs(key))
     return stats.Interval(est, -math.inf, math.inf, 0, "no interval (mixed seeds)")

@@ -106,18 +106,19 @@ def ablation_table(variants: list[tuple[str, VariantMetrics]]) -> list[str]:
     lines = ["## Ablation", "",
              f"Mean ± 95 % CI half-width, in points. Δ: difference to `{base_name}` with its 95 % CI; ✓ marks a "
              "resolved difference (the interval excludes 0). Intervals: across seeds (Student t / Welch) when a "
-             "variant has several runs, else over masked tokens (binomial) and test examples (bootstrap, paired).",
+             "variant has several runs, else over masked tokens (binomial; differences paired token by token where "
+             "both runs scored the same tokens) and test examples (bootstrap, paired). A single run's interval covers "
+             "the sampling of test items, not the variation between training seeds.",
              "", "| variant | seeds | held-out MLM accuracy | Δ MLM | topic test accuracy | Δ topics |",
              "| --- | --- | --- | --- | --- | --- |"]
     for i, (name, m) in enumerate(variants):
         cells = []
         for key in ("mlm", "topic"):
-            if i == 0:
-                cells += [m.interval(key).fmt(), "—"]
-                continue
-            d = difference(m, base, key)
-            mark = " ✓" if d.resolved else ""
-            cells += [m.interval(key).fmt(), f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}{mark}"]
+            own = m.interval(key)
+            d = difference(m, base, key) if i else None
+            cells.append(own.fmt() if own is not None else "—")
+            cells.append("—" if d is None else f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}"
+                         f"{' ✓' if d.resolved else ''}{' (paired)' if d.method.startswith('paired (') else ''}")
         lines.append(f"| {name} | {m.seeds} | {' | '.join(cells)} |")
     return lines
 

@@ -1,7 +1,10 @@
+import re
+
 import pytest
 
 from distill.recipe_loader import resolve
 from distill.recipes import Recipe, RecipeError
+from tests.cli import ROOT
 
 
 def write(tmp_path, name, text):
@@ -68,15 +71,25 @@ def test_ablation_recipes_change_one_thing_each():
     base = resolve("recipes/ablation/triple.yaml")
     assert base.train.max_steps == 150 and base.loss.alpha_ce == 5.0
     changed = {
-        "no-ce": ("loss", "alpha_ce"), "no-cos": ("loss", "alpha_cos"), "no-mlm": ("loss", "alpha_mlm"),
-        "random-init": ("student", "init"),
+        "no-ce": [("loss", "alpha_ce")], "no-cos": [("loss", "alpha_cos")], "no-mlm": [("loss", "alpha_mlm")],
+        "random-init": [("student", "init")],
+        # the objectives: another divergence, or one more loss term, or MiniLM v2 in place of the triple loss
+        "reverse-kl": [("loss", "divergence")], "jsd": [("loss", "divergence")],
+        "hidden-mse": [("loss", "alpha_hidden_mse")], "attn-kl": [("loss", "alpha_attn")],
+        "minilmv2": [("loss", k) for k in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_relation", "relation_heads")],
     }
-    for name, (section, key) in changed.items():
+    assert {p.stem for p in (ROOT / "recipes/ablation").glob("*.yaml")} == {"triple", *changed}
+    for name, keys in changed.items():
         r = resolve(f"recipes/ablation/{name}.yaml")
         diff = [(s, k) for s in ("loss", "student", "train", "data", "teacher", "masking")
                 for k, v in vars(getattr(r, s)).items() if v != getattr(getattr(base, s), k)]
-        assert diff == [(section, key)], (name, diff)
+        assert diff == keys, (name, diff)
         assert r.output_dir == f"runs/ablation/{name}"
+    # every variant named in scripts/ablation.sh has its recipe, and the default set is all of them
+    script = (ROOT / "scripts/ablation.sh").read_text()
+    (default,) = re.findall(r'VARIANTS=\$\{VARIANTS:-"([^"]+)"\}', script)
+    assert default.split() == ["triple", "no-ce", "no-cos", "no-mlm", "random-init", "reverse-kl", "jsd",
+                               "hidden-mse", "attn-kl", "minilmv2"]
 
 
 def test_speed_settings_and_earlier_versions_keys_do_not_block_resuming():

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from distill import step as step_mod
 from distill import train as train_mod
+from distill.metrics import unpack_correct
 from distill.recipe_loader import resolve
 from tests.cli import ROOT, TINY, kit, launch, python
 
@@ -53,6 +54,16 @@ def test_command_line_end_to_end_exports_a_transformers_model(tiny_teacher_dir, 
     assert speed and all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in speed)
     assert all(r["mfu"] == pytest.approx(r["tflops"] / 0.5) for r in speed)
     assert (out / "recipe.yaml").exists()
+    # the last evaluation token by token, for paired comparisons between runs: it is the last eval record's,
+    # and the teacher's baseline on the same tokens
+    last = [r for r in records if "eval/student_mlm_accuracy" in r][-1]
+    held = json.loads((out / "heldout.json").read_text())
+    assert held["step"] == 4 == last["step"] and held["tokens"] == last["eval/student_tokens"] > 0
+    for name in ("student", "teacher"):
+        correct = unpack_correct(held[name]["correct"], held["tokens"])
+        assert correct.double().mean().item() == pytest.approx(last[f"eval/{name}_mlm_accuracy"])
+        assert held[name]["mlm_accuracy"] == last[f"eval/{name}_mlm_accuracy"]
+    assert len(held["fingerprint"]) == 64
 
 
 def interrupt_at(monkeypatch, call: int) -> None:

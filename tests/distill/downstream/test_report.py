@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from distill.downstream import measure, render, report
 from distill.downstream.finetune import finetune
@@ -94,3 +95,56 @@ def test_ablation_intervals_across_seeds_and_single_runs(tmp_path):
     # one run each: MLM 33.0 vs 27.0 on 40,000 tokens (resolved); topics 93.2 vs 93.0 on the same 925 test
     # examples (862 vs 860 correct, the 860 a subset of the 862): +0.2 points, unresolved
     assert "| 1 | 33.0 ± 0.5 | +6.0 ± 0.6 ✓ | 93.2 ± 1.6 | +0.2 ± " in row and row.count("✓") == 1
+
+
+def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
+    """heldout.json (per-token correctness + fingerprint of the scored tokens) pairs two single runs token by
+    token: a 0.5-point difference on 40,000 tokens is resolved paired, not with two independent binomials."""
+    from distill.metrics import MaskedLMScores, pack_correct
+    from distill.train import write_heldout
+
+    n = 40_000
+    base_correct = torch.zeros(n, dtype=torch.bool)
+    base_correct[:10_800] = True  # 27.0 %
+    better_correct = base_correct.clone()
+    better_correct[10_800:11_000] = True  # 200 more tokens right, none lost: 27.5 %
+
+    def run(name, correct, fingerprint="same-tokens", step=150, finetuned=True):
+        d = tmp_path / name
+        d.mkdir()
+        acc = correct.double().mean().item()
+        (d / "metrics.jsonl").write_text(json.dumps({"step": step, "eval/student_mlm_accuracy": acc,
+                                                     "eval/student_tokens": n}) + "\n")
+        write_heldout(d / "heldout.json", step, MaskedLMScores(correct, 0.0, fingerprint), None)
+        spec = f"{name}={d}"
+        if finetuned:
+            f = tmp_path / f"{name}-ft"
+            f.mkdir()
+            (f / "results.json").write_text(json.dumps({"test": {"accuracy": 0.93, "correct": [1] * 860 + [0] * 65}}))
+            spec += f",{f}"
+        return spec
+
+    def row(*specs):
+        lines = render.ablation_table([(v.name, measure.variant_metrics(v)) for v in map(measure.parse_ablation, specs)])
+        return [x for x in lines if x.startswith(f"| {measure.parse_ablation(specs[-1]).name} |")][0]
+
+    base = run("base", base_correct)
+    paired = row(base, run("better", better_correct))
+    assert "| 27.5 ± 0.4 | +0.5 ± 0.1 ✓ (paired) |" in paired
+    # other tokens (another fingerprint): two binomials, ±0.6 points, unresolved
+    unpaired = row(base, run("elsewhere", better_correct, fingerprint="other-tokens"))
+    assert "| +0.5 ± 0.6 |" in unpaired and "✓" not in unpaired
+    # a heldout.json from another step than the last evaluation is not used
+    record = json.loads((tmp_path / "better" / "heldout.json").read_text())
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "metrics.jsonl").write_text(json.dumps({"step": 200, "eval/student_mlm_accuracy": 0.275,
+                                                     "eval/student_tokens": n}) + "\n")
+    (stale / "heldout.json").write_text(json.dumps(record))  # step 150
+    assert "| +0.5 ± 0.6 |" in row(base, f"stale={stale}")
+    # a variant distilled but not fine-tuned: held-out MLM only, its topic cells empty
+    mlm_only = row(base, run("mlm-only", better_correct, finetuned=False))
+    assert mlm_only.endswith("| +0.5 ± 0.1 ✓ (paired) | — | — |")
+    assert record["student"]["correct"] == pack_correct(better_correct) and record["tokens"] == n
+    with pytest.raises(SystemExit, match="one fine-tune per distillation run, or none"):
+        measure.parse_ablation(f"x={tmp_path / 'base'}+{tmp_path / 'better'},{tmp_path / 'base-ft'}")
