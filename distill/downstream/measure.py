@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from distill import stats
-from distill.metrics import unpack_correct
+from distill.metrics import MaskedLMScores, unpack_correct
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -50,13 +50,14 @@ def load_encoder(directory: Path) -> Encoder:
     return Encoder(directory, t, t.model)
 
 
-def held_out_mlm(distill_run: Path, encoders: dict[str, Encoder]) -> dict[str, dict[str, float]]:
-    """Masked-token loss and accuracy of each encoder on the distillation run's validation blocks, with the
-    same standard masks for all."""
+def held_out_mlm(distill_run: Path, encoders: dict[str, Encoder]) -> dict[str, MaskedLMScores]:
+    """Each encoder scored token by token on the distillation run's own held-out evaluation (its validation
+    blocks, mask draws and seeds, as a one-process run evaluates them), the same masks for all: the run's
+    student scores exactly what its last evaluation recorded, and student and teacher pair token by token."""
     from distill.batching import eval_batches
     from distill.corpus import build_corpus
     from distill.masking import MLMCollator, standard_masking
-    from distill.metrics import evaluate_mlm
+    from distill.metrics import score_mlm
     from distill.recipe_loader import resolve
     from students.tokenizer import get_tokenizer
 
@@ -64,8 +65,10 @@ def held_out_mlm(distill_run: Path, encoders: dict[str, Encoder]) -> dict[str, d
     tokenizer = get_tokenizer(recipe.tokenizer)
     corpus = build_corpus(recipe.data, tokenizer)
     collator = MLMCollator(tokenizer, standard_masking(recipe.masking))
-    val = eval_batches(corpus.validation, 32, 1000, seed=1234)
-    return {name: evaluate_mlm(e.model, val, collator, torch.device("cpu")) for name, e in encoders.items()}
+    train_cfg = recipe.train
+    val = eval_batches(corpus.validation, train_cfg.batch_size, train_cfg.eval_batches, train_cfg.seed,
+                       train_cfg.eval_mask_draws)
+    return {name: score_mlm(e.model, val, collator, torch.device("cpu")) for name, e in encoders.items()}
 
 
 @dataclass

@@ -2,13 +2,15 @@
 
     python -m distill.downstream.report --teacher TEACHER_DIR --student runs/wiki/student \\
         --distill-run runs/wiki --teacher-finetune runs/finetune/teacher --student-finetune runs/finetune/student \\
-        [--ablation NAME=DISTILL_RUN,FINETUNE_RUN ...] --output runs/report
+        [--ablation NAME=DISTILL_RUN[,FINETUNE_RUN] ...] --output runs/report
+    python -m distill.downstream.report --ablation NAME=DISTILL_RUN[,FINETUNE_RUN] ... --output DIR   (table only)
 
 Measures, in this process (distill.downstream.measure): parameters, size on disk, inference latency of
 the encoders (batch 1 and 32, sequence 128; `torch.utils.benchmark`, median and interquartile range over
 interleaved rounds; teacher and student both run through the kit's DistilBERT implementation, the teacher
 converted layer by layer, so the difference is the architecture, not the code), held-out masked-LM
-accuracy on the distillation run's validation blocks (same masks for both); and reads the fine-tuning
+accuracy on the distillation run's own held-out evaluation (same masks for both; the student / teacher
+ratio's interval is paired token by token); and reads the fine-tuning
 runs' results.json for downstream accuracy / macro-F1. distill.downstream.render draws it.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from distill import stats
 from distill.downstream import measure, render
 from distill.downstream.render import Row
 from distill.mechanics import Latency, latency
+from distill.metrics import MaskedLMScores
 
 
 @dataclass
@@ -35,14 +39,14 @@ class Measurements:
 
     encoders: dict[str, measure.Encoder]
     latency: dict[str, dict[int, Latency]]
-    mlm: dict[str, dict[str, float]]  # empty without a distillation run
+    mlm: dict[str, MaskedLMScores]  # empty without a distillation run
     finetunes: dict[str, measure.FinetuneResult]  # the models that have a fine-tuning run
 
     def summary(self) -> dict[str, Any]:
         return {"parameters": {k: e.parameters for k, e in self.encoders.items()},
                 "disk_mb": {k: e.disk_mb for k, e in self.encoders.items()},
                 "latency_ms": {k: {b: vars(x) for b, x in v.items()} for k, v in self.latency.items()},
-                "mlm": self.mlm,
+                "mlm": {k: v.metrics() for k, v in self.mlm.items()},
                 "downstream": {k: {"accuracy": f.test["accuracy"], "macro_f1": f.test["macro_f1"]}
                                for k, f in self.finetunes.items()}}
 
@@ -86,9 +90,9 @@ def comparison_rows(m: Measurements) -> list[Row]:
         rows.append(Row(f"CPU latency, batch {batch} x 128 (ms, median (IQR))", str(t), str(s),
                         f"{t.median / s.median:.2f}x faster"))
     if m.mlm:
-        t, s = m.mlm["teacher"], m.mlm["student"]
-        ratio = (with_interval(stats.binomial_ratio_ci(s["mlm_accuracy"], s["tokens"], t["mlm_accuracy"], t["tokens"]))
-                 if min(s["mlm_accuracy"], t["mlm_accuracy"]) > 0 else "—")
+        t, s = m.mlm["teacher"].metrics(), m.mlm["student"].metrics()
+        ratio = (with_interval(stats.paired_proportion_ratio(m.mlm["student"].correct, m.mlm["teacher"].correct))
+                 if min(s["mlm_accuracy"], t["mlm_accuracy"]) > 0 else "—")  # the same masked tokens
         rows.append(Row("held-out masked-token accuracy", f"{t['mlm_accuracy']:.4f}", f"{s['mlm_accuracy']:.4f}",
                         ratio))
     rows.append(downstream("accuracy", "downstream test accuracy"))
@@ -96,43 +100,59 @@ def comparison_rows(m: Measurements) -> list[Row]:
     return rows
 
 
+def _interval(ci: stats.Interval | None) -> dict[str, Any] | None:
+    """An interval for JSON (an unbounded end as null)."""
+    if ci is None:
+        return None
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in vars(ci).items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", type=Path, required=True, help="teacher MLM directory")
-    p.add_argument("--student", type=Path, required=True, help="student export (runs/<run>/student)")
+    p.add_argument("--teacher", type=Path, help="teacher MLM directory")
+    p.add_argument("--student", type=Path, help="student export (runs/<run>/student)")
     p.add_argument("--distill-run", type=Path, help="distillation run directory (curves, validation data)")
     p.add_argument("--teacher-finetune", type=Path, help="fine-tuning run of the teacher")
     p.add_argument("--student-finetune", type=Path, help="fine-tuning run of the student")
     p.add_argument("--ablation", action="append", default=[],
-                   help="NAME=DISTILL_RUN[+RUN...],FINETUNE_RUN[+RUN...] (one pair per seed); the first is the "
-                   "baseline")
+                   help="NAME=DISTILL_RUN[+RUN...][,FINETUNE_RUN[+RUN...]] (one run per seed; without fine-tunes: "
+                   "held-out MLM only); the first is the baseline. Alone (no --teacher/--student): the ablation "
+                   "table only, from the runs' metrics.jsonl, heldout.json and results.json")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--wandb", metavar="PROJECT", help="also log the table and figures to a wandb run (job_type "
                    "report, grouped with the distillation run); WANDB_MODE decides online/offline")
     args = p.parse_args(argv)
+    if (args.teacher is None) != (args.student is None):
+        raise SystemExit("error: give both --teacher and --student (or neither, for the ablation table alone)")
+    if args.teacher is None and not args.ablation:
+        raise SystemExit("error: nothing to report: give --teacher and --student, or --ablation")
     for path in (args.teacher, args.student):
-        if not path.is_dir():
+        if path is not None and not path.is_dir():
             raise SystemExit(f"error: {path} is not a model directory")
     variants = [measure.parse_ablation(spec) for spec in args.ablation]  # (refused before any work)
     args.output.mkdir(parents=True, exist_ok=True)
 
-    m = take_measurements(args)
-    figures = []
-    if args.distill_run and (args.distill_run / "metrics.jsonl").exists():
-        figures.append(render.plot_curves(args.distill_run, args.output))
-    for name, f in m.finetunes.items():
-        figures.append(render.plot_confusion(f.results, name, args.output, name))
-    rows = comparison_rows(m)
-    lines = ["# Teacher vs student", "", f"teacher: `{args.teacher}`  ", f"student: `{args.student}`  ",
-             f"threads: {torch.get_num_threads()}, torch {torch.__version__}; latency: encoder forward, both models "
-             "through the kit's DistilBERT implementation, torch.utils.benchmark blocks", "",
-             *render.comparison_table(rows)]
+    lines, figures, rows, summary = [], [], [], {}
+    if args.teacher is not None:
+        m = take_measurements(args)
+        if args.distill_run and (args.distill_run / "metrics.jsonl").exists():
+            figures.append(render.plot_curves(args.distill_run, args.output))
+        for name, f in m.finetunes.items():
+            figures.append(render.plot_confusion(f.results, name, args.output, name))
+        rows = comparison_rows(m)
+        lines = ["# Teacher vs student", "", f"teacher: `{args.teacher}`  ", f"student: `{args.student}`  ",
+                 f"threads: {torch.get_num_threads()}, torch {torch.__version__}; latency: encoder forward, both "
+                 "models through the kit's DistilBERT implementation, torch.utils.benchmark blocks", "",
+                 *render.comparison_table(rows)]
+        summary = m.summary()
     if variants:
-        lines += ["", *render.ablation_table([(v.name, measure.variant_metrics(v)) for v in variants])]
+        measured = [(v.name, measure.variant_metrics(v)) for v in variants]
+        lines += ["", *render.ablation_table(measured)]
+        summary["ablation"] = {name: {"seeds": vm.seeds, "mlm": _interval(vm.mlm), "topic": _interval(vm.topic)}
+                               for name, vm in measured}
     lines += [""] + [f"![{f}]({f})" for f in figures]
-    (args.output / "report.md").write_text("\n".join(lines) + "\n")
-    summary = m.summary()
+    (args.output / "report.md").write_text("\n".join(lines).lstrip("\n") + "\n")
     (args.output / "report.json").write_text(json.dumps(summary, indent=2))
     if args.wandb:
         render.log_to_wandb(args.wandb, args.distill_run, args.output, rows, figures, summary)

@@ -48,6 +48,25 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     lat = summary["latency_ms"]["student"]
     assert set(lat) == {"1", "32"} and all(v["median"] > 0 and v["iqr"] >= 0 and v["blocks"] >= 2 for v in lat.values())
     assert "median (IQR)" in md
+    # held-out MLM: the run's own evaluation (its blocks, draws and seeds), so the run's exported student scores
+    # exactly what its last evaluation recorded; the student / teacher ratio paired on the same tokens
+    held = json.loads((tmp_path / "distill" / "heldout.json").read_text())
+    assert summary["mlm"]["student"] == {k: held["student"][k] for k in ("mlm_loss", "mlm_accuracy", "tokens")}
+    assert summary["mlm"]["teacher"]["mlm_accuracy"] == held["teacher"]["mlm_accuracy"]
+    (mlm_row,) = [x for x in md.splitlines() if x.startswith("| held-out masked-token accuracy |")]
+    accuracies = [summary["mlm"][k]["mlm_accuracy"] for k in ("student", "teacher")]
+    assert ("(95 % CI " in mlm_row) == (min(accuracies) > 0)  # (a ratio needs accuracies > 0; tiny models get 0)
+    assert summary["ablation"]["same"]["mlm"]["estimate"] == held["student"]["mlm_accuracy"]
+    # the ablation table alone, from the run directories
+    alone = tmp_path / "alone"
+    report.main(["--ablation", f"triple={tmp_path / 'distill'}", "--ablation", f"same={tmp_path / 'distill'}",
+                 "--output", str(alone)])
+    table = (alone / "report.md").read_text()
+    assert table.startswith("## Ablation") and "| same | 1 |" in table and "+0.0 ± 0.0 (paired) | — | — |" in table
+    with pytest.raises(SystemExit, match="both --teacher and --student"):
+        report.main(["--teacher", str(tiny_teacher_dir), "--output", str(alone)])
+    with pytest.raises(SystemExit, match="nothing to report"):
+        report.main(["--output", str(alone)])
     # student / teacher test accuracy with its paired-bootstrap interval over the same test articles
     (accuracy_row,) = [x for x in md.splitlines() if x.startswith("| downstream test accuracy |")]
     assert "(95 % CI " in accuracy_row
