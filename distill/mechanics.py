@@ -61,10 +61,18 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
                           "use fp16 or no")
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a SLURM or cgroup cpuset), not the
+    machine's count, so a job given 8 of 128 cores runs 8 threads, not 128."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def share_cpu_cores(accelerator) -> None:
-    """`accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores."""
+    """`accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores it may use."""
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+        torch.set_num_threads(max(1, available_cores() // accelerator.num_processes))
 
 
 # ------------------------------------------------------------------------------------------ optimizer

@@ -104,3 +104,24 @@ def test_stable_hashes_are_the_ones_the_splits_were_made_with():
 
 def test_one_precision_table():
     assert DTYPES["bf16"] is DTYPES["bfloat16"] is torch.bfloat16 and DTYPES["fp32"] is torch.float32
+
+
+def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    """A job pinned to some cores (taskset, a SLURM cpuset) runs that many threads, shared by its processes."""
+    import os
+    from types import SimpleNamespace
+
+    from distill import mechanics
+
+    before = torch.get_num_threads()
+    try:
+        if hasattr(os, "sched_getaffinity"):
+            assert mechanics.available_cores() == len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 7, 9}, raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 128)
+        assert mechanics.available_cores() == 4
+        for processes, threads in ((1, 4), (2, 2), (8, 1)):
+            mechanics.share_cpu_cores(SimpleNamespace(device=torch.device("cpu"), num_processes=processes))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
