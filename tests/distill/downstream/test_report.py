@@ -144,8 +144,9 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
         return spec
 
     def row(*specs):
-        lines = render.ablation_table([(v.name, measure.variant_metrics(v)) for v in map(measure.parse_ablation, specs)])
-        return [x for x in lines if x.startswith(f"| {measure.parse_ablation(specs[-1]).name} |")][0]
+        variants = [measure.parse_ablation(x) for x in specs]
+        lines = render.ablation_table([(v.name, measure.variant_metrics(v)) for v in variants])
+        return [x for x in lines if x.startswith(f"| {variants[-1].name} |")][0]
 
     base = run("base", base_correct)
     paired = row(base, run("better", better_correct))
