@@ -226,7 +226,7 @@ def latency(models: dict[str, Any], batches: list[int], repeats: int, device: to
     """Forward latency of `models` (name -> fn(input_ids, attention_mask)) per batch size, on random ids of
     `seq_len` tokens: `repeats` interleaved rounds of `Timer.blocked_autorange` (each round a block-timed
     measurement, CUDA synchronised by the timer); the blocks of all rounds are pooled into one median and
-    IQR, so drift over time affects every model alike."""
+    IQR, so drift over time affects every model alike; at least 3 blocks per model."""
     from torch.utils import benchmark
 
     device = torch.device(device)
@@ -238,7 +238,11 @@ def latency(models: dict[str, Any], batches: list[int], repeats: int, device: to
         with torch.inference_mode():
             for fn in models.values():
                 fn(ids, mask)  # warm-up
-            for _ in range(max(1, repeats // 4 if B > 1 else repeats // 2)):
+            rounds = max(1, repeats // 4 if B > 1 else repeats // 2)
+            # (more rounds while any model has fewer than 3 blocks: a median and IQR of one block say nothing;
+            # slow calls on a loaded machine give one block per round)
+            while rounds > 0 or min(map(len, times.values()), default=3) < 3:
+                rounds -= 1
                 for name, fn in models.items():
                     timer = benchmark.Timer(stmt="fn(ids, mask)", globals={"fn": fn, "ids": ids, "mask": mask},
                                             num_threads=torch.get_num_threads())

@@ -125,3 +125,19 @@ def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_latency_has_at_least_three_blocks_per_model_even_for_slow_calls():
+    import time
+
+    from distill.mechanics import latency
+
+    def slow(ids, mask):  # longer than a block's minimum run time: one block per round
+        time.sleep(0.06)
+
+    def fast(ids, mask):
+        return ids.sum()
+
+    out = latency({"slow": slow, "fast": fast}, [1], repeats=1, seq_len=4)
+    assert out["slow"][1].blocks >= 3 and out["fast"][1].blocks >= 3
+    assert out["slow"][1].median >= 60 and out["slow"][1].iqr >= 0
