@@ -118,7 +118,7 @@ def ablation_table(variants: list[tuple[str, VariantMetrics]]) -> list[str]:
             d = difference(m, base, key) if i else None
             cells.append(own.fmt() if own is not None else "—")
             cells.append("—" if d is None else f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}"
-                         f"{' ✓' if d.resolved else ''}{' (paired)' if d.method.startswith('paired (') else ''}")
+                         f"{' ✓' if d.resolved else ''}{' (paired)' if 'McNemar' in d.method else ''}")
         lines.append(f"| {name} | {m.seeds} | {' | '.join(cells)} |")
     return lines
 
