@@ -117,7 +117,11 @@ def ablation_table(variants: list[tuple[str, VariantMetrics]]) -> list[str]:
             own = m.interval(key)
             d = difference(m, base, key) if i else None
             cells.append(own.fmt() if own is not None else "—")
-            cells.append("—" if d is None else f"{100 * d.estimate:+.1f} ± {100 * d.half_width:.1f}"
+            if d is None:
+                cells.append("—")
+                continue
+            digits = 2 if 100 * d.half_width < 0.1 else 1  # (paired intervals can be hundredths of a point)
+            cells.append(f"{100 * d.estimate:+.{digits}f} ± {100 * d.half_width:.{digits}f}"
                          f"{' ✓' if d.resolved else ''}{' (paired)' if 'McNemar' in d.method else ''}")
         lines.append(f"| {name} | {m.seeds} | {' | '.join(cells)} |")
     return lines

@@ -62,7 +62,7 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     report.main(["--ablation", f"triple={tmp_path / 'distill'}", "--ablation", f"same={tmp_path / 'distill'}",
                  "--output", str(alone)])
     table = (alone / "report.md").read_text()
-    assert table.startswith("## Ablation") and "| same | 1 |" in table and "+0.0 ± 0.0 (paired) | — | — |" in table
+    assert table.startswith("## Ablation") and "| same | 1 |" in table and "+0.00 ± 0.00 (paired) | — | — |" in table
     with pytest.raises(SystemExit, match="both --teacher and --student"):
         report.main(["--teacher", str(tiny_teacher_dir), "--output", str(alone)])
     with pytest.raises(SystemExit, match="nothing to report"):
@@ -79,7 +79,7 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     assert isinstance(logged["report/confusion_student"], wandb.Image)
     # the ablation table: a variant identical to the baseline differs by 0, unresolved
     same = [x for x in md.splitlines() if x.startswith("| same |")][0]
-    assert "+0.0 ± 0.0 |" in same and "✓" not in same and "95 % CI" in md
+    assert "+0.00 ± 0.00 |" in same and "✓" not in same and "95 % CI" in md
 
 
 def test_ablation_intervals_across_seeds_and_single_runs(tmp_path):
@@ -150,7 +150,7 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
 
     base = run("base", base_correct)
     paired = row(base, run("better", better_correct))
-    assert "| 27.5 ± 0.4 | +0.5 ± 0.1 ✓ (paired) |" in paired
+    assert "| 27.5 ± 0.4 | +0.50 ± 0.07 ✓ (paired) |" in paired
     # other tokens (another fingerprint): two binomials, ±0.6 points, unresolved
     unpaired = row(base, run("elsewhere", better_correct, fingerprint="other-tokens"))
     assert "| +0.5 ± 0.6 |" in unpaired and "✓" not in unpaired
@@ -164,7 +164,7 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
     assert "| +0.5 ± 0.6 |" in row(base, f"stale={stale}")
     # a variant distilled but not fine-tuned: held-out MLM only, its topic cells empty
     mlm_only = row(base, run("mlm-only", better_correct, finetuned=False))
-    assert mlm_only.endswith("| +0.5 ± 0.1 ✓ (paired) | — | — |")
+    assert mlm_only.endswith("| +0.50 ± 0.07 ✓ (paired) | — | — |")
     assert record["student"]["correct"] == pack_correct(better_correct) and record["tokens"] == n
     with pytest.raises(SystemExit, match="one fine-tune per distillation run, or none"):
         measure.parse_ablation(f"x={tmp_path / 'base'}+{tmp_path / 'better'},{tmp_path / 'base-ft'}")
