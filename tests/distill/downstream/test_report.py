@@ -168,3 +168,20 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
     assert record["student"]["correct"] == pack_correct(better_correct) and record["tokens"] == n
     with pytest.raises(SystemExit, match="one fine-tune per distillation run, or none"):
         measure.parse_ablation(f"x={tmp_path / 'base'}+{tmp_path / 'better'},{tmp_path / 'base-ft'}")
+
+
+def test_the_readme_objectives_table_is_what_the_committed_records_give(tmp_path):
+    """The README's objectives table is rendered from the runs' records in benchmarks/results/ (metrics.jsonl,
+    heldout.json, recipe.yaml): its numbers cannot drift from the data, and anyone can recompute them."""
+    records = ROOT / "benchmarks/results/ablation-cpu-2026-12-01"
+    names = ["triple", "reverse-kl", "jsd", "hidden-mse"]
+    report.main([a for v in names for a in ("--ablation", f"{v}={records / v}")] + ["--output", str(tmp_path)])
+    starts = tuple(f"| {v} |" for v in names)
+    rows = [x for x in (tmp_path / "report.md").read_text().splitlines() if x.startswith(starts)]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(rows) == len(names) and all(row in readme for row in rows)
+    # every variant scored the same tokens as the baseline (so every difference is paired), with one teacher
+    held = {v: json.loads((records / v / "heldout.json").read_text()) for v in names}
+    assert len({h["fingerprint"] for h in held.values()}) == 1 and {h["tokens"] for h in held.values()} == {87_628}
+    assert len({h["teacher"]["correct"] for h in held.values()}) == 1
+    assert all("(paired)" in row for row in rows[1:])
