@@ -141,7 +141,7 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
 
 
 def pack_correct(correct: torch.Tensor) -> str:
-    """Per-token correctness (bool) as base64 of its bits (8 tokens a byte): JSON-safe, ~11 KB per 88K tokens."""
+    """Per-token correctness (bool) as base64 of its bits (8 tokens a byte): JSON-safe, ~15 KB per 88K tokens."""
     bits = torch.zeros(-(-correct.numel() // 8) * 8, dtype=torch.uint8)
     bits[:correct.numel()] = correct.flatten().to(torch.uint8)
     packed = (bits.view(-1, 8) * _BIT_WEIGHTS).sum(1).to(torch.uint8)  # first token = high bit, as np.packbits

@@ -156,11 +156,15 @@ def last_heldout(run: Path) -> HeldOut:
     got = HeldOut(last["eval/student_mlm_accuracy"], int(last.get("eval/student_tokens", 0)))
     path = run / "heldout.json"
     if path.is_file():
-        record = json.loads(path.read_text())
-        student = record.get("student", {})
-        if record.get("step") == last["step"] and student.get("mlm_accuracy") == got.accuracy:
-            got.correct = unpack_correct(student["correct"], int(record["tokens"]))
-            got.fingerprint = record["fingerprint"]
+        try:
+            record = json.loads(path.read_text())
+            student = record.get("student", {})
+            if record.get("step") == last["step"] and student.get("mlm_accuracy") == got.accuracy:
+                got.correct = unpack_correct(student["correct"], int(record["tokens"]))
+                got.fingerprint = str(record["fingerprint"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); delete it to compare this run "
+                             "unpaired") from None
     return got
 
 

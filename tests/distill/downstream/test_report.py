@@ -166,6 +166,16 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
     mlm_only = row(base, run("mlm-only", better_correct, finetuned=False))
     assert mlm_only.endswith("| +0.50 ± 0.07 ✓ (paired) | — | — |")
     assert record["student"]["correct"] == pack_correct(better_correct) and record["tokens"] == n
+    # a damaged heldout.json: one line naming the file, not a traceback
+    damaged = {"step": 200, "student": {"mlm_accuracy": 0.275, "correct": "%%"}, "tokens": 4}
+    (stale / "heldout.json").write_text(json.dumps(damaged))
+    (stale / "metrics.jsonl").write_text(json.dumps({"step": 200, "eval/student_mlm_accuracy": 0.275,
+                                                     "eval/student_tokens": n}) + "\n")
+    with pytest.raises(SystemExit, match=r"stale/heldout.json is damaged .*delete it"):
+        row(base, f"stale={stale}")
+    (stale / "heldout.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"stale/heldout.json is damaged"):
+        row(base, f"stale={stale}")
     with pytest.raises(SystemExit, match="one fine-tune per distillation run, or none"):
         measure.parse_ablation(f"x={tmp_path / 'base'}+{tmp_path / 'better'},{tmp_path / 'base-ft'}")
 
