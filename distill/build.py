@@ -18,7 +18,7 @@ from distill import hub, rundir, tracking
 from distill.adapt import adapt_teacher
 from distill.corpus import check_files, corpus_identity
 from distill.mechanics import DTYPES
-from distill.recipe_loader import deep_merge
+from distill.recipe_loader import deep_merge, from_dict
 from distill.recipes import Recipe, RecipeError
 from distill.step import layer_pairs
 from students.config import config_from_teacher, create_model_config, half_depth
@@ -227,8 +227,22 @@ def check_resumable(saved: dict, recipe: Recipe) -> None:
 
 
 def _with_defaults(saved: dict) -> dict:
-    """A saved recipe with the defaults of keys added since it was written (its run used those defaults)."""
+    """A saved recipe with the defaults of keys added since it was written (its run used those defaults), but
+    train.eval_seed: a run written before that key evaluated with its train.seed."""
+    train = saved.get("train")
+    if isinstance(train, dict) and "seed" in train and "eval_seed" not in train:
+        saved = deep_merge(saved, {"train": {"eval_seed": train["seed"]}})
     return deep_merge(Recipe().to_dict(), saved)
+
+
+def run_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run directory's run used: its recipe.yaml, with the keys added since as that run had them."""
+    saved = read_saved_recipe(run_dir)
+    if saved is None:
+        raise RecipeError(f"{run_dir} has no recipe.yaml: give the directory of a distillation run")
+    data = _with_defaults(saved)
+    data.pop("kind", None)
+    return from_dict(Recipe, data)
 
 
 def read_saved_recipe(run_dir: Path) -> dict | None:

@@ -252,7 +252,7 @@ def _train(recipe: Recipe, accelerator, tokenizer, overwrite: bool) -> dict[str,
     batches = _batches(recipe, corpus, collator, rank, world, first_batch=start * train_cfg.grad_accum,
                        pin=device.type == "cuda")
     validation = eval_batches(corpus.validation, max(1, train_cfg.batch_size // world), train_cfg.eval_batches,
-                              train_cfg.seed, train_cfg.eval_mask_draws)
+                              train_cfg.eval_seed, train_cfg.eval_mask_draws)
     evaluator = Evaluator(accelerator, validation, MLMCollator(tokenizer, standard_masking(recipe.masking)), metrics,
                           train_cfg.eval_every, train_cfg.max_steps, run_dir / HELDOUT)
     evaluator.baseline(teacher, start, corpus)

@@ -55,18 +55,18 @@ def held_out_mlm(distill_run: Path, encoders: dict[str, Encoder]) -> dict[str, M
     blocks, mask draws and seeds, as a one-process run evaluates them), the same masks for all: the run's
     student scores exactly what its last evaluation recorded, and student and teacher pair token by token."""
     from distill.batching import eval_batches
+    from distill.build import run_recipe
     from distill.corpus import build_corpus
     from distill.masking import MLMCollator, standard_masking
     from distill.metrics import score_mlm
-    from distill.recipe_loader import resolve
     from students.tokenizer import get_tokenizer
 
-    recipe = resolve(distill_run / "recipe.yaml")
+    recipe = run_recipe(distill_run)
     tokenizer = get_tokenizer(recipe.tokenizer)
     corpus = build_corpus(recipe.data, tokenizer)
     collator = MLMCollator(tokenizer, standard_masking(recipe.masking))
     train_cfg = recipe.train
-    val = eval_batches(corpus.validation, train_cfg.batch_size, train_cfg.eval_batches, train_cfg.seed,
+    val = eval_batches(corpus.validation, train_cfg.batch_size, train_cfg.eval_batches, train_cfg.eval_seed,
                        train_cfg.eval_mask_draws)
     return {name: score_mlm(e.model, val, collator, torch.device("cpu")) for name, e in encoders.items()}
 

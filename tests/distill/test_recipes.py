@@ -109,6 +109,28 @@ def test_speed_settings_and_earlier_versions_keys_do_not_block_resuming():
         check_resumable(saved, Recipe())
 
 
+def test_a_run_from_before_eval_seed_keeps_the_held_out_set_of_its_training_seed(tmp_path):
+    """Runs written before train.eval_seed evaluated on the set of their train.seed: resuming one keeps that set
+    (another is refused, naming the key) and the report scores it (build.run_recipe) as the run did."""
+    import yaml
+
+    from distill.build import check_resumable, run_recipe
+    from distill.recipes import Recipe, TrainConfig
+
+    saved = Recipe().to_dict()
+    del saved["train"]["eval_seed"]
+    saved["train"]["seed"] = 57
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert run_recipe(tmp_path).train.eval_seed == 57
+    with pytest.raises(ValueError, match="train.eval_seed"):
+        check_resumable(saved, Recipe(train=TrainConfig(seed=57)))
+    check_resumable(saved, Recipe(train=TrainConfig(seed=57, eval_seed=57)))
+    saved["train"]["seed"] = 56  # the default seed's set is the default eval_seed's
+    check_resumable(saved, Recipe())
+    assert run_recipe(tmp_path).train.eval_seed == 57  # (the file, not the dict above)
+    with pytest.raises(ValueError, match="no recipe.yaml"):
+        run_recipe(tmp_path / "elsewhere")
+
 @pytest.mark.parametrize("text", ["no", "false", "off", '"no"', "'no'"])
 def test_mixed_precision_no_in_every_spelling(tmp_path, text):
     r = resolve(write(tmp_path, "p.yaml", f"train:\n  mixed_precision: {text}\n"))

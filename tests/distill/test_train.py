@@ -107,6 +107,22 @@ def test_resume_refuses_a_different_recipe(tiny_teacher_dir, tmp_path):
         train_mod.train(recipe(tiny_teacher_dir, tmp_path / "r", "train.max_steps=6", "train.lr=1e-3"))
 
 
+def test_runs_of_other_training_seeds_score_the_same_held_out_tokens(tiny_teacher_dir, tmp_path):
+    """The held-out set follows train.eval_seed, not train.seed: students of two training seeds are scored on
+    the same tokens (equal fingerprints), so their difference pairs token by token; another eval_seed is
+    another set."""
+    def held(name, *overrides):
+        out = tmp_path / name
+        train_mod.train(recipe(tiny_teacher_dir, out, "train.max_steps=2", "train.log_every=1", *overrides))
+        return json.loads((out / "heldout.json").read_text()), losses(out)
+
+    (a, loss_a), (b, loss_b) = held("seed1", "train.seed=1"), held("seed2", "train.seed=2")
+    assert loss_a[1] != loss_b[1]  # the seeds did train differently
+    assert a["fingerprint"] == b["fingerprint"] and a["tokens"] == b["tokens"] > 0
+    assert a["teacher"]["correct"] == b["teacher"]["correct"]
+    other, _ = held("eval3", "train.seed=1", "train.eval_seed=3")
+    assert other["fingerprint"] != a["fingerprint"]
+
 def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
     args = [str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
             "student.dropout=0.0", "train.eval_every=100"]
