@@ -308,8 +308,8 @@ class _FusedVocabLosses(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:3])
         Wc, bc = W.to(dtype), b.to(dtype)  # dtype: the GEMMs' (autocast's, else h's)
         half = dtype in (torch.bfloat16, torch.float16)
-        t_dtype = dtype if half else h_t.dtype
-        need_t = weights.needs_teacher_logits
+        need_t = weights.needs_teacher_logits  # (without, the teacher's rows may be None: L_mlm alone)
+        t_dtype = (dtype if half else h_t.dtype) if need_t else None
         W_tc, b_tc = (W_t.to(t_dtype), b_t.to(t_dtype)) if need_t else (None, None)
         grad_h = torch.empty_like(h, dtype=torch.float32) if need_grad else None
         grad_W = torch.zeros_like(W, dtype=torch.float32) if need_grad else None

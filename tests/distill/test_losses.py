@@ -74,7 +74,9 @@ def test_fused_vocab_losses_equal_the_pure_functions(alphas, monkeypatch):
     h, W, b, h_t, W_t, b_t, labels = fused_inputs()
     w = VocabLossWeights(*alphas, temperature=2.0)
     n_ce, n_mlm = 13.0, 6.0  # "global" counts larger than local ones, as with several processes
-    total, ce, mlm, mse = fused_vocab_losses(h, W, b, h_t, W_t, b_t, labels, w, n_ce, n_mlm)
+    # without soft targets and logit MSE the step passes no teacher rows (L_mlm alone: the no-L_ce ablation)
+    teacher = (h_t, W_t, b_t) if w.needs_teacher_logits else (None, None, None)
+    total, ce, mlm, mse = fused_vocab_losses(h, W, b, *teacher, labels, w, n_ce, n_mlm)
     total.backward()
     fused_grads = [x.grad.clone() for x in (h, W, b)]
     for x in (h, W, b):

@@ -337,6 +337,14 @@ def test_other_divergences_train(tiny_teacher_dir, tmp_path, divergence):
         assert all(r["loss/ce"] <= 4.0 for r in rows)  # T^2 * TV <= T^2 (T = 2)
 
 
+def test_without_soft_targets_the_student_trains_on_l_mlm_and_l_cos(tiny_teacher_dir, tmp_path):
+    """The no-L_ce ablation: no teacher logits are computed, and L_mlm and L_cos still train the student."""
+    out = tmp_path / "no-ce"
+    train_mod.train(recipe(tiny_teacher_dir, out, "train.max_steps=2", "train.log_every=1", "loss.alpha_ce=0"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/mlm" in x]
+    assert len(rows) == 2 and all(r["loss/ce"] == 0 and r["loss/mlm"] > 0 and r["loss/cos"] > 0 for r in rows)
+    assert (out / "student" / "model.safetensors").is_file()
+
 def test_minilm_relations_train_and_the_recipe_resolves(tiny_teacher_dir, tmp_path):
     minilm = resolve(ROOT / "recipes" / "minilmv2.yaml")
     assert minilm.loss.alpha_relation == 1.0 and minilm.loss.alpha_ce == 0 and minilm.teacher.name_or_path == "minilm"
