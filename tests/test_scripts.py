@@ -1,0 +1,67 @@
+"""The experiment scripts' orchestration, with a stand-in interpreter that records each command and writes what
+the real command would leave behind (a student export, a fine-tune's results.json)."""
+
+import os
+import subprocess
+
+from tests.cli import ROOT
+
+RECORDER = """#!/usr/bin/env bash
+echo "$*" >> "$COMMANDS"
+out=
+for a in "$@"; do case $a in output_dir=*) out=${a#output_dir=};; esac; done
+case "$1 $2" in
+  "distill/run.py recipes/finetune/"*) mkdir -p "$out" && echo '{}' > "$out/results.json";;
+  "distill/run.py "*) mkdir -p "$out/student";;
+esac
+"""
+
+
+def ablation(tmp_path, **env):
+    python = tmp_path / "python"
+    python.write_text(RECORDER)
+    python.chmod(0o755)
+    log = tmp_path / "commands.txt"
+    log.unlink(missing_ok=True)
+    subprocess.run(["bash", "scripts/ablation.sh"], cwd=ROOT, check=True, timeout=60,
+                   env={**os.environ, "PYTHON": str(python), "COMMANDS": str(log), **env})
+    return log.read_text().splitlines()
+
+
+def test_ablation_runs_every_variant_and_seed_once_then_reports(tmp_path):
+    runs = tmp_path / "runs"
+    env = {"VARIANTS": "triple jsd", "SEEDS": "56 57", "EPOCHS": "2", "RUNS": str(runs)}
+    commands = ablation(tmp_path, **env)
+    pairs = [(v, s) for v in ("triple", "jsd") for s in (56, 57)]
+    distil = [c for c in commands if c.startswith("distill/run.py recipes/ablation/")]
+    assert distil == [f"distill/run.py recipes/ablation/{v}.yaml output_dir={runs}/{v}-seed{s} train.seed={s}"
+                      for v, s in pairs]
+    tune = "distill/run.py recipes/finetune/wiki-topics.yaml train.epochs=2"
+    tunes = [c for c in commands if c.startswith("distill/run.py recipes/finetune/")]
+    assert tunes == [f"{tune} model={runs}/{v}-seed{s}/student output_dir={runs}/{v}-seed{s}-topics train.seed={s}"
+                     for v, s in pairs] + [f"{tune} model={runs}/triple-seed56/teacher "
+                                           f"output_dir={runs}/teacher-topics"]
+    base = f"{runs}/triple-seed56"
+    spec = {v: f"{v}={runs}/{v}-seed56+{runs}/{v}-seed57,{runs}/{v}-seed56-topics+{runs}/{v}-seed57-topics"
+            for v in ("triple", "jsd")}
+    assert commands[-1] == (f"-m distill.downstream.report --teacher {base}/teacher --student {base}/student "
+                            f"--distill-run {base} --teacher-finetune {runs}/teacher-topics --student-finetune "
+                            f"{base}-topics --ablation {spec['triple']} --ablation {spec['jsd']} "
+                            f"--output {runs}/report")
+    assert len(commands) == len(distil) + len(tunes) + 1
+    # finished runs are kept and skipped: a second call only reports
+    assert ablation(tmp_path, **env) == [commands[-1]]
+
+
+def test_ablation_without_fine_tunes_and_with_the_recipes_epochs(tmp_path):
+    runs = tmp_path / "runs"
+    commands = ablation(tmp_path, VARIANTS="no-mlm", FINETUNE="0", RUNS=str(runs))
+    assert commands[0] == f"distill/run.py recipes/ablation/no-mlm.yaml output_dir={runs}/no-mlm-seed56 train.seed=56"
+    assert commands[-1].endswith(f"--distill-run {runs}/no-mlm-seed56 --ablation no-mlm={runs}/no-mlm-seed56 "
+                                 f"--output {runs}/report")
+    assert len(commands) == 2
+    commands = ablation(tmp_path, VARIANTS="no-mlm", RUNS=str(runs))
+    assert commands[:2] == [f"distill/run.py recipes/finetune/wiki-topics.yaml model={runs}/no-mlm-seed56/student "
+                            f"output_dir={runs}/no-mlm-seed56-topics train.seed=56",
+                            f"distill/run.py recipes/finetune/wiki-topics.yaml model={runs}/no-mlm-seed56/teacher "
+                            f"output_dir={runs}/teacher-topics"]
