@@ -131,6 +131,7 @@ def test_a_run_from_before_eval_seed_keeps_the_held_out_set_of_its_training_seed
     with pytest.raises(ValueError, match="no recipe.yaml"):
         run_recipe(tmp_path / "elsewhere")
 
+
 @pytest.mark.parametrize("text", ["no", "false", "off", '"no"', "'no'"])
 def test_mixed_precision_no_in_every_spelling(tmp_path, text):
     r = resolve(write(tmp_path, "p.yaml", f"train:\n  mixed_precision: {text}\n"))

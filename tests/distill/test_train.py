@@ -123,6 +123,7 @@ def test_runs_of_other_training_seeds_score_the_same_held_out_tokens(tiny_teache
     other, _ = held("eval3", "train.seed=1", "train.eval_seed=3")
     assert other["fingerprint"] != a["fingerprint"]
 
+
 def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
     args = [str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
             "student.dropout=0.0", "train.eval_every=100"]
@@ -344,6 +345,7 @@ def test_without_soft_targets_the_student_trains_on_l_mlm_and_l_cos(tiny_teacher
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss/mlm" in x]
     assert len(rows) == 2 and all(r["loss/ce"] == 0 and r["loss/mlm"] > 0 and r["loss/cos"] > 0 for r in rows)
     assert (out / "student" / "model.safetensors").is_file()
+
 
 def test_minilm_relations_train_and_the_recipe_resolves(tiny_teacher_dir, tmp_path):
     minilm = resolve(ROOT / "recipes" / "minilmv2.yaml")
