@@ -138,6 +138,18 @@ def welch_diff_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.
     return Interval(ma - mb, ma - mb - h, ma - mb + h, na + nb, f"welch t, df {df:.1f}")
 
 
+def paired_t_diff(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+    """mean(a - b) over pairs (a[i], b[i]) -- e.g. two variants trained with the same seeds, whose per-seed
+    differences share the seed's data order and initialisation -- with a Student-t interval on the differences
+    (n - 1 df). Tighter than Welch's interval where the seed moves both variants alike."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_t_diff needs pairs: {len(a)} values against {len(b)}")
+    if len(a) < 2:
+        raise ValueError("paired_t_diff needs at least two pairs")
+    d = mean_ci([x - y for x, y in zip(a, b)], confidence)
+    return Interval(d.estimate, d.low, d.high, d.n, f"paired t, {d.n} pairs")
+
+
 def bootstrap_ci(per_example: Sequence[float], confidence: float = 0.95, n_boot: int = 10_000,
                  seed: int = 0) -> Interval:
     """The mean of per-example scores (1/0 correctness: accuracy) with a percentile bootstrap interval."""

@@ -137,6 +137,7 @@ class VariantMetrics:
     topic_runs: list[float]
     correct: list[int] | None = None  # per test example, single runs only
     heldout: HeldOut | None = None  # single runs only
+    train_seeds: list[int] | None = None  # each distillation run's train.seed (None where a run lacks it)
 
     def runs(self, key: str) -> list[float]:
         return self.mlm_runs if key == "mlm" else self.topic_runs
@@ -168,15 +169,32 @@ def last_heldout(run: Path) -> HeldOut:
     return got
 
 
+def train_seed(run: Path) -> int | None:
+    """The train.seed a distillation run was trained with (its recipe.yaml), None where it has no record."""
+    from distill.build import read_saved_recipe
+    from distill.recipes import RecipeError
+
+    try:
+        saved = read_saved_recipe(run)
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
+    seed = ((saved or {}).get("train") or {}).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def variant_metrics(variant: Variant) -> VariantMetrics:
     """Intervals across seeds (Student t) when the variant has several runs; for one run, a binomial
-    interval over the masked tokens (MLM) and a bootstrap over the test examples (topics)."""
+    interval over the masked tokens (MLM) and a bootstrap over the test examples (topics). A fine-tune
+    belongs to the distillation run at its position (one pair per seed)."""
     mlm = [last_heldout(r) for r in variant.distill_runs]
     results = [json.loads((r / "results.json").read_text()) for r in variant.finetune_runs]
     topic = [r["test"]["accuracy"] for r in results]
+    seeds = [train_seed(r) for r in variant.distill_runs]
+    seeds = None if None in seeds else seeds
     if len(mlm) > 1:
         accs = [h.accuracy for h in mlm]
-        return VariantMetrics(stats.mean_ci(accs), stats.mean_ci(topic) if topic else None, len(mlm), accs, topic)
+        return VariantMetrics(stats.mean_ci(accs), stats.mean_ci(topic) if topic else None, len(mlm), accs, topic,
+                              train_seeds=seeds)
     (h,) = mlm
     se = stats.binomial_se(h.accuracy, max(h.tokens, 1))
     mlm_ci = stats.Interval(h.accuracy, h.accuracy - 1.96 * se, h.accuracy + 1.96 * se, h.tokens,
@@ -186,18 +204,28 @@ def variant_metrics(variant: Variant) -> VariantMetrics:
     if results:
         topic_ci = (stats.bootstrap_ci(correct) if correct else
                     stats.Interval(topic[0], -math.inf, math.inf, 1, "no per-example results"))
-    return VariantMetrics(mlm_ci, topic_ci, 1, [h.accuracy], topic, correct, h)
+    return VariantMetrics(mlm_ci, topic_ci, 1, [h.accuracy], topic, correct, h, seeds)
+
+
+def _same_seeds(a: VariantMetrics, b: VariantMetrics) -> bool:
+    sa, sb = a.train_seeds, b.train_seeds
+    return sa is not None and sb is not None and len(set(sa)) == len(sa) and set(sa) == set(sb)
 
 
 def difference(a: VariantMetrics, b: VariantMetrics, key: str) -> stats.Interval | None:
-    """a - b for metric `key` ("mlm" or "topic") with a 95 % interval: Welch across seeds; for single runs,
-    paired on the same items where both kept per-item results (topics: a paired bootstrap over the same test
+    """a - b for metric `key` ("mlm" or "topic") with a 95 % interval. Across seeds: paired by seed (a t
+    interval on the per-seed differences) where both variants ran the same training seeds -- a seed fixes the
+    data order and the masks, so the seed's effect on both cancels --, else Welch's; for single runs, paired
+    on the same items where both kept per-item results (topics: a paired bootstrap over the same test
     examples; MLM: McNemar-Wald over the same masked tokens, checked by their fingerprint), else two
     independent binomials (MLM). None when either variant lacks the metric. A single run's interval covers
     the sampling of test items only, not the variation between training seeds."""
     if a.interval(key) is None or b.interval(key) is None:
         return None
     if a.seeds > 1 and b.seeds > 1:
+        if _same_seeds(a, b):
+            b_by_seed = dict(zip(b.train_seeds, b.runs(key)))
+            return stats.paired_t_diff(a.runs(key), [b_by_seed[s] for s in a.train_seeds])
         return stats.welch_diff_ci(a.runs(key), b.runs(key))
     if key == "topic" and a.correct and b.correct and len(a.correct) == len(b.correct):
         return stats.paired_bootstrap_diff(a.correct, b.correct)

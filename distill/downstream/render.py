@@ -99,14 +99,19 @@ def plot_confusion(results: dict, title: str, out: Path, name: str) -> str:
     return path.name
 
 
+def _paired_mark(method: str) -> str:
+    return " (paired)" if "McNemar" in method else " (paired by seed)" if method.startswith("paired t") else ""
+
+
 def ablation_table(variants: list[tuple[str, VariantMetrics]]) -> list[str]:
     """Markdown: each variant's metrics (mean ± 95 % CI half-width, in points) and its difference to the
     first variant (the baseline), marked ✓ where the interval excludes 0 (a resolved difference)."""
     base_name, base = variants[0]
     lines = ["## Ablation", "",
              f"Mean ± 95 % CI half-width, in points. Δ: difference to `{base_name}` with its 95 % CI; ✓ marks a "
-             "resolved difference (the interval excludes 0). Intervals: across seeds (Student t / Welch) when a "
-             "variant has several runs, else over masked tokens (binomial; differences paired token by token where "
+             "resolved difference (the interval excludes 0). Intervals: across seeds (Student t) when a variant "
+             "has several runs, its Δ paired by seed where both variants ran the same seeds (marked), otherwise "
+             "Welch's; for a single run, over masked tokens (binomial; differences paired token by token where "
              "both runs scored the same tokens) and test examples (bootstrap, paired). A single run's interval covers "
              "the sampling of test items, not the variation between training seeds.",
              "", "| variant | seeds | held-out MLM accuracy | Δ MLM | topic test accuracy | Δ topics |",
@@ -122,7 +127,7 @@ def ablation_table(variants: list[tuple[str, VariantMetrics]]) -> list[str]:
                 continue
             digits = 2 if 100 * d.half_width < 0.1 else 1  # (paired intervals can be hundredths of a point)
             cells.append(f"{100 * d.estimate:+.{digits}f} ± {100 * d.half_width:.{digits}f}"
-                         f"{' ✓' if d.resolved else ''}{' (paired)' if 'McNemar' in d.method else ''}")
+                         f"{' ✓' if d.resolved else ''}{_paired_mark(d.method)}")
         lines.append(f"| {name} | {m.seeds} | {' | '.join(cells)} |")
     return lines
 

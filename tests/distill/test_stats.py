@@ -32,6 +32,24 @@ def test_welch_interval_of_a_textbook_example():
     assert ci.resolved and ci.high < 0
 
 
+def test_paired_t_interval_of_known_cases():
+    # differences 1..5: the mean_ci case above
+    ci = stats.paired_t_diff([11, 12, 13, 14, 15], [10, 10, 10, 10, 10])
+    assert ci.estimate == 3 and ci.half_width == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert ci.method == "paired t, 5 pairs"
+    # three seeds that move both variants by 5 points: the per-seed differences 0.5, 0.4, 0.6 (sd 0.1) resolve
+    # +0.5 +- t(0.975, 2) 0.1 / sqrt(3); Welch's interval, blind to the pairing, does not
+    a, b = [30.0, 35.0, 40.0], [29.5, 34.6, 39.4]
+    paired = stats.paired_t_diff(a, b)
+    assert paired.estimate == pytest.approx(0.5) and paired.resolved
+    assert paired.half_width == pytest.approx(4.3026527 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert not stats.welch_diff_ci(a, b).resolved
+    with pytest.raises(ValueError, match="needs pairs: 3 values against 2"):
+        stats.paired_t_diff(a, b[:2])
+    with pytest.raises(ValueError, match="at least two pairs"):
+        stats.paired_t_diff(a[:1], b[:1])
+
+
 def test_bootstrap_of_an_accuracy_matches_the_binomial_interval():
     # 925 test articles at 93 % accuracy: the ±0.9 % standard deviation the issue quotes
     correct = [1.0] * 860 + [0.0] * 65

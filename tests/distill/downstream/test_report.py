@@ -116,6 +116,39 @@ def test_ablation_intervals_across_seeds_and_single_runs(tmp_path):
     assert "| 1 | 33.0 ± 0.5 | +6.0 ± 0.6 ✓ | 93.2 ± 1.6 | +0.2 ± " in row and row.count("✓") == 1
 
 
+def test_across_seeds_differences_are_paired_by_seed_where_both_variants_ran_the_same_seeds(tmp_path):
+    """Variants trained with the same seeds (recipe.yaml's train.seed) are compared seed by seed: a seed fixes
+    the data order and masks, so a difference the seed spread hides in Welch's interval is resolved paired."""
+    def run(name, seed, mlm, record_seed=True):
+        d = tmp_path / f"{name}-seed{seed}"
+        d.mkdir()
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 150, "eval/student_mlm_accuracy": mlm,
+                                                     "eval/student_tokens": 87_628}) + "\n")
+        (d / "recipe.yaml").write_text(f"train:\n  seed: {seed}\n" if record_seed else "train: {}\n")
+        return d
+
+    def row(base, other):
+        variants = [measure.parse_ablation(f"{n}={'+'.join(map(str, ds))}") for n, ds in (base, other)]
+        lines = render.ablation_table([(v.name, measure.variant_metrics(v)) for v in variants])
+        return [x for x in lines if x.startswith(f"| {other[0]} |")][0]
+
+    seeds = (56, 57, 58)
+    base = ("base", [run("base", s, m) for s, m in zip(seeds, (0.360, 0.366, 0.362))])
+    # +0.4, +0.5, +0.3 points on each seed: +0.40 +- 4.30 * 0.1 / sqrt(3) = +- 0.25, paired
+    better = ("better", [run("better", s, m) for s, m in zip(seeds, (0.364, 0.371, 0.365))])
+    assert "| 3 | 36.7 ± 0.9 | +0.4 ± 0.2 ✓ (paired by seed) | — | — |" in row(base, better)
+    # the same values in another order of the spec: still paired seed by seed
+    shuffled = ("shuffled", better[1][::-1])
+    assert "+0.4 ± 0.2 ✓ (paired by seed)" in row(base, shuffled)
+    # other seeds (56, 57, 59), or a run without its seed on record: Welch's interval, which does not resolve it
+    other = ("other", [run("other", s, m) for s, m in zip((56, 57, 59), (0.364, 0.371, 0.365))])
+    unrecorded = ("unrecorded", [run("unrecorded", s, m, record_seed=s != 58)
+                                 for s, m in zip(seeds, (0.364, 0.371, 0.365))])
+    for variant in (other, unrecorded):
+        cell = row(base, variant).split(" | ")[3]
+        assert cell.startswith("+0.4 ± ") and "✓" not in cell and "paired" not in cell
+
+
 def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
     """heldout.json (per-token correctness + fingerprint of the scored tokens) pairs two single runs token by
     token: a 0.5-point difference on 40,000 tokens is resolved paired, not with two independent binomials."""
