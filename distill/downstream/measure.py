@@ -215,8 +215,8 @@ def _same_seeds(a: VariantMetrics, b: VariantMetrics) -> bool:
 def difference(a: VariantMetrics, b: VariantMetrics, key: str) -> stats.Interval | None:
     """a - b for metric `key` ("mlm" or "topic") with a 95 % interval. Across seeds: paired by seed (a t
     interval on the per-seed differences) where both variants ran the same training seeds -- a seed fixes the
-    data order and the masks, and what it does to both cancels in their difference --, else Welch's; for single runs, paired
-    on the same items where both kept per-item results (topics: a paired bootstrap over the same test
+    data order and the masks, and what it does to both cancels in their difference --, else Welch's; for single
+    runs, paired on the same items where both kept per-item results (topics: a paired bootstrap over the same test
     examples; MLM: McNemar-Wald over the same masked tokens, checked by their fingerprint), else two
     independent binomials (MLM). None when either variant lacks the metric. A single run's interval covers
     the sampling of test items only, not the variation between training seeds."""
