@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     if variants:
         measured = [(v.name, measure.variant_metrics(v)) for v in variants]
         lines += ["", *render.ablation_table(measured)]
-        summary["ablation"] = {name: {"seeds": vm.seeds, "mlm": _interval(vm.mlm), "topic": _interval(vm.topic)}
-                               for name, vm in measured}
+        base = measured[0][1]
+        summary["ablation"] = {name: {"seeds": vm.seeds, "mlm": _interval(vm.mlm), "topic": _interval(vm.topic),
+                                      **({f"delta_{key}": _interval(measure.difference(vm, base, key))
+                                          for key in ("mlm", "topic")} if i else {})}
+                               for i, (name, vm) in enumerate(measured)}
     lines += [""] + [f"![{f}]({f})" for f in figures]
     (args.output / "report.md").write_text("\n".join(lines).lstrip("\n") + "\n")
     (args.output / "report.json").write_text(json.dumps(summary, indent=2))

@@ -57,6 +57,11 @@ def test_report_table_and_figures(tiny_teacher_dir, tmp_path, monkeypatch):
     accuracies = [summary["mlm"][k]["mlm_accuracy"] for k in ("student", "teacher")]
     assert ("(95 % CI " in mlm_row) == (min(accuracies) > 0)  # (a ratio needs accuracies > 0; tiny models get 0)
     assert summary["ablation"]["same"]["mlm"]["estimate"] == held["student"]["mlm_accuracy"]
+    # report.json carries each variant's difference to the baseline with its interval and method, as the table
+    same = summary["ablation"]["same"]
+    assert same["delta_mlm"]["estimate"] == 0 and "McNemar" in same["delta_mlm"]["method"]
+    assert same["delta_topic"]["estimate"] == 0 and same["delta_topic"]["method"].startswith("paired bootstrap")
+    assert "delta_mlm" not in summary["ablation"]["triple"]
     # the ablation table alone, from the run directories
     alone = tmp_path / "alone"
     report.main(["--ablation", f"triple={tmp_path / 'distill'}", "--ablation", f"same={tmp_path / 'distill'}",
