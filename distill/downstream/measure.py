@@ -209,7 +209,7 @@ def variant_metrics(variant: Variant) -> VariantMetrics:
 
 def _same_seeds(a: VariantMetrics, b: VariantMetrics) -> bool:
     sa, sb = a.train_seeds, b.train_seeds
-    return sa is not None and sb is not None and len(set(sa)) == len(sa) and set(sa) == set(sb)
+    return sa is not None and sb is not None and len(set(sa)) == len(sa) == len(sb) and set(sa) == set(sb)
 
 
 def difference(a: VariantMetrics, b: VariantMetrics, key: str) -> stats.Interval | None:

@@ -152,6 +152,9 @@ def test_across_seeds_differences_are_paired_by_seed_where_both_variants_ran_the
     for variant in (other, unrecorded):
         cell = row(base, variant).split(" | ")[3]
         assert cell.startswith("+0.4 ± ") and "✓" not in cell and "paired" not in cell
+    # a baseline with a seed run twice (56, 57, 58, 58): not one pair per seed, so not paired
+    repeated = ("base", [*base[1], run("repeat", 58, 0.362)])
+    assert "paired" not in row(repeated, better).split(" | ")[3]
 
 
 def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
