@@ -338,6 +338,12 @@ class TaskDistillConfig:
     alpha_task: float = 0.5
     temperature: float = 2.0
 
+    def __post_init__(self) -> None:
+        require(self.alpha_ce >= 0 and self.alpha_task >= 0, "distill.alpha_ce",
+                "and distill.alpha_task must be >= 0")
+        require(self.alpha_ce + self.alpha_task > 0, "distill.alpha_ce", "+ distill.alpha_task must be > 0")
+        require(self.temperature > 0, "distill.temperature", "must be > 0")
+
 
 @dataclass(kw_only=True)
 class FinetuneRecipe(_RecipeBase):

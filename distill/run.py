@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="adapt the recipe's teacher (teacher.adapt), print the report and exit")
     parser.add_argument("--verbose", action="store_true", help="the libraries' INFO logs and progress bars too")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a run already in output_dir (default: resume it, or refuse)")
+                        help="replace a run already in output_dir (default: resume a distillation, or refuse)")
     args = parser.parse_intermixed_args(argv)  # flags may sit between the recipe and its overrides
     configure_logging(args.verbose)
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = job(recipe)
         elif recipe.kind == "finetune":
             from distill.downstream.finetune import finetune as job
-            summary = job(recipe)
+            summary = job(recipe, overwrite=args.overwrite)
         else:
             from distill.train import train as job
             summary = job(recipe, overwrite=args.overwrite)

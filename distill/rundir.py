@@ -173,6 +173,77 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
             shutil.rmtree(p)
 
 
+# What a fine-tune writes into its directory: its own records and the best model's files (save_pretrained,
+# the tokenizer, the model card, the confusion figure).
+FINETUNE_FILES = ("results.json", "metrics.jsonl", "recipe.yaml", ".best", "wandb", "README.md")
+FINETUNE_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "tokenizer*.json",
+                        "special_tokens_map.json", "vocab.txt", "confusion_*.png")
+
+
+def check_new_finetune(run_dir: Path, overwrite: bool, recipe: dict[str, Any], sources: dict[str, Path]) -> list[Path]:
+    """What a new fine-tune in `run_dir` may replace, checked before anything is written. Fine-tunes do not
+    resume: a directory holding a finished one (results.json), a model, or a fine-tune of another recipe is
+    refused unless --overwrite; an unfinished fine-tune of the same recipe starts again. Never the directory
+    of a model the run reads (`sources`: what -> directory). Returns the earlier files to remove once every
+    other input is checked (the caller removes them with `remove`)."""
+    run_dir = Path(run_dir)
+    for what, src in sources.items():
+        if run_dir.exists() and run_dir.resolve() == Path(src).resolve():
+            raise RunDirError(f"output_dir {run_dir} is the {what}'s own directory: the fine-tune would replace the "
+                              "model it reads; choose another output_dir")
+    if not run_dir.is_dir():
+        return []
+    found = [p for name in FINETUNE_FILES if (p := run_dir / name).exists() or p.is_symlink()]
+    found += sorted(p for pattern in FINETUNE_MODEL_FILES for p in run_dir.glob(pattern))
+    if overwrite or not found:
+        return found
+    if (run_dir / "results.json").exists():
+        raise RunDirError(f"{run_dir} holds a finished fine-tune (results.json); use another output_dir, or pass "
+                          "--overwrite to replace it")
+    if (run_dir / "config.json").exists():
+        raise RunDirError(f"{run_dir} holds a model (config.json); use another output_dir, or pass --overwrite to "
+                          "replace it")
+    from distill.build import read_saved_recipe  # (build imports this module)
+    from distill.tracking import flatten
+
+    saved = read_saved_recipe(run_dir)
+    if saved is not None:
+        a, b = flatten(saved, "."), flatten(recipe, ".")
+        changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if changed:
+            raise RunDirError(f"{run_dir} holds an unfinished fine-tune of another recipe ({', '.join(changed[:3])} "
+                              "differ); use another output_dir, or pass --overwrite to replace it")
+    return found
+
+
+def remove(paths: list[Path], run_dir: Path) -> None:
+    """Remove an earlier run's files (from check_new_finetune), with one warning line."""
+    if not paths:
+        return
+    logger.warning("removing the earlier fine-tune's files in %s: %s", run_dir, ", ".join(p.name for p in paths))
+    for p in paths:
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+
+
+def lock_run(run_dir: Path, accelerator) -> RunLock:
+    """Take `run_dir`'s lock on the main process; every process raises the same RunDirError if it is held."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, error = RunLock(run_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunDirError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0] if accelerator.num_processes > 1 else error
+    if error:
+        raise RunDirError(error)
+    return lock
+
+
 def truncate_metrics(path: Path, step: int) -> int:
     """Keep the records of steps <= `step` (the resumed checkpoint) and drop the rest, and any torn last
     line, atomically. Returns how many records were dropped."""

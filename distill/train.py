@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import transformers
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from distill import build, checkpoint, hub, rundir, tracking
@@ -169,16 +169,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     build.preflight(recipe, tokenizer, accelerator.num_processes)
     if run_dir.exists() and not run_dir.is_dir():
         raise rundir.RunDirError(f"output_dir {run_dir} is a file, not a directory; choose another output_dir")
-    lock = rundir.RunLock(run_dir)
-    error = None
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-        except rundir.RunDirError as e:
-            error = str(e)
-    error = broadcast_object_list([error])[0] if accelerator.num_processes > 1 else error
-    if error:
-        raise rundir.RunDirError(error)
+    lock = rundir.lock_run(run_dir, accelerator)
     try:
         return _train(recipe, accelerator, tokenizer, overwrite)
     finally:

@@ -377,6 +377,12 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     if path.exists() or str(name_or_path).startswith((".", "/")):
         raise FileNotFoundError(f"{name_or_path} is not a model directory")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise FileNotFoundError(f"{name_or_path} is not a model directory (nor a Hub model id)") from None
 
     patterns = ["*.json", "*.safetensors", "*.bin", "*.txt"]
     return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))

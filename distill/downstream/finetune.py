@@ -25,7 +25,7 @@ import transformers
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from distill import hub, tracking
+from distill import hub, rundir, tracking
 from distill.downstream.tasks import load_classification, split_loader
 from distill.losses import soft_target_loss
 from distill.mechanics import (
@@ -55,26 +55,101 @@ def load_classifier(name_or_path: str, label_names: list[str]) -> torch.nn.Modul
     return transformers.AutoModelForSequenceClassification.from_pretrained(directory, **labels)
 
 
-def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
+def check_task_teacher(recipe: FinetuneRecipe, model_dir: Path, tokenizer) -> Path | None:
+    """The task-distillation teacher (`distill.teacher`), checked before any slow work: a fine-tuned sequence
+    classifier (a teacher with an untrained head would give random soft targets) that reads the student's
+    token ids (same vocabulary) at `task.max_length`. Its labels are checked against the task's once the
+    data is loaded (`check_teacher_labels`). None without a teacher."""
+    if not recipe.distill.teacher:
+        return None
+    try:
+        directory = resolve_model_dir(recipe.distill.teacher)
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"distill.teacher {recipe.distill.teacher} cannot be read: {str(e).strip().splitlines()[0]}"
+                         ) from None
+    if Path(directory).resolve() == Path(model_dir).resolve():
+        raise ValueError(f"distill.teacher {recipe.distill.teacher} is the model being fine-tuned; give the fine-tuned "
+                         "teacher's directory")
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"distill.teacher {recipe.distill.teacher} is not a fine-tuned classifier (its config names "
+                         f"{architectures or 'no architecture'}); fine-tune the teacher on this task first "
+                         "(distill/run.py <finetune recipe> model=<teacher> output_dir=<dir>) and pass that directory")
+    student_vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    if config.vocab_size != student_vocab:
+        raise ValueError(f"distill.teacher {recipe.distill.teacher} has a vocabulary of {config.vocab_size} tokens, "
+                         f"the model {student_vocab}: the teacher must read the student's token ids")
+    if any((Path(directory) / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+        if get_tokenizer(str(directory)).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"distill.teacher {recipe.distill.teacher} has another tokenizer vocabulary than the "
+                             "model's (same size, other ids): the teacher must read the student's token ids")
+    check_positions(config, recipe.task.max_length, f"distill.teacher {recipe.distill.teacher}")
+    return Path(directory)
+
+
+def check_positions(config, max_length: int, what: str) -> None:
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"task.max_length {max_length} exceeds the {positions} position embeddings of {what}; "
+                         f"set task.max_length <= {positions}")
+
+
+def check_teacher_labels(teacher_dir: Path, label_names: list[str]) -> None:
+    """The teacher's classifier must predict this task's labels, in this order."""
+    config = transformers.AutoConfig.from_pretrained(teacher_dir)
+    theirs = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if theirs != [str(n) for n in label_names]:
+        def show(names):
+            return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+        ours = [str(n) for n in label_names]
+        raise ValueError(f"distill.teacher {teacher_dir} was fine-tuned on other labels ({len(theirs)}: "
+                         f"{show(theirs)}) than the task's ({len(ours)}: {show(ours)}); fine-tune it on this task")
+
+
+def finetune(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune `recipe.model` on `recipe.task`; writes recipe.yaml, metrics.jsonl, results.json and the
     best model (a transformers directory with its tokenizer) into recipe.output_dir, and returns the test
-    accuracy / macro-F1 of the best model."""
+    accuracy / macro-F1 of the best model. Every input is checked before anything is written; a directory
+    holding a finished fine-tune is refused unless `overwrite` (the CLI's --overwrite)."""
+    run_dir = Path(recipe.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise rundir.RunDirError(f"output_dir {run_dir} is a file, not a directory; choose another output_dir")
+    hub.check_push(recipe.hub)
+    model_dir = resolve_model_dir(recipe.model)
+    tokenizer = get_tokenizer(recipe.tokenizer or str(model_dir))
+    check_positions(transformers.AutoConfig.from_pretrained(model_dir), recipe.task.max_length, f"model {recipe.model}")
+    teacher_dir = check_task_teacher(recipe, model_dir, tokenizer)
+    accelerator = make_accelerator(recipe.train, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
+    rundir.stop_with_launcher()
+    sources = {"model": model_dir, **({"distill.teacher": teacher_dir} if teacher_dir else {})}
+    lock = rundir.lock_run(run_dir, accelerator)
+    try:
+        earlier = rundir.check_new_finetune(run_dir, overwrite, recipe.to_dict(), sources)
+        return _finetune(recipe, accelerator, tokenizer, teacher_dir, earlier)
+    finally:
+        lock.release()
+
+
+def _finetune(recipe: FinetuneRecipe, accelerator, tokenizer, teacher_dir: Path | None,
+              earlier: list[Path]) -> dict[str, Any]:
     train_cfg = recipe.train
     run_dir = Path(recipe.output_dir)
-    accelerator = make_accelerator(train_cfg, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
-    hub.check_push(recipe.hub)
     set_seed(train_cfg.seed)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-
     data = load_classification(recipe.task, seed=train_cfg.seed)
     logger.info("task %s: %s", recipe.task.source, data.stats)
-    tokenizer = get_tokenizer(recipe.tokenizer or str(resolve_model_dir(recipe.model)))
+    if teacher_dir is not None:
+        check_teacher_labels(teacher_dir, data.label_names)
+    if accelerator.is_main_process:
+        rundir.remove(earlier, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
     model = load_classifier(recipe.model, data.label_names)
     teacher = None
-    if recipe.distill.teacher:
-        teacher = load_classifier(recipe.distill.teacher, data.label_names).eval().requires_grad_(False)
+    if teacher_dir is not None:
+        teacher = load_classifier(str(teacher_dir), data.label_names).eval().requires_grad_(False)
         teacher.to(accelerator.device)
     max_len = recipe.task.max_length
     splits, batch, eval_batch = data.splits, train_cfg.batch_size, train_cfg.eval_batch_size
@@ -103,12 +178,13 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
             model.train()
             with accelerator.autocast():
                 logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = compute_classification_loss(logits, batch["labels"])
+                loss = task_loss = compute_classification_loss(logits, batch["labels"])
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     d = recipe.distill
-                    loss = d.alpha_task * loss + d.alpha_ce * soft_target_loss(logits, t_logits, d.temperature)
+                    kd_loss = soft_target_loss(logits, t_logits, d.temperature)
+                    loss = d.alpha_task * task_loss + d.alpha_ce * kd_loss
             require_finite(loss.item(), step + 1, f"Best model so far: {best_dir}; try a lower train.lr")
             accelerator.backward(loss)
             optimizer_step(model.parameters())
@@ -116,6 +192,8 @@ def finetune(recipe: FinetuneRecipe) -> dict[str, Any]:
             bar.update(1)
             if step % train_cfg.log_every == 0:
                 record = {"step": step, "epoch": epoch, "loss/train": loss.item(), "lr": scheduler.get_last_lr()[0]}
+                if teacher is not None:  # the two terms, unweighted
+                    record |= {"loss/task": task_loss.item(), "loss/kd": kd_loss.item()}
                 accelerator.log(record, step=step)
                 metrics_file.write(record)
                 bar.set_postfix(loss=f"{loss.item():.3f}")

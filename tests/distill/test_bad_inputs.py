@@ -144,6 +144,61 @@ def mixed_formats(tmp, teacher):
     return ["data.source=files", f"data.files=[{tmp / 'a.txt'},{tmp / 'b.jsonl'}]"]
 
 
+# ------------------------------------------------------------------- fine-tuning and task distillation
+CLASSIFIER = {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b"},
+              "label2id": {"a": 0, "b": 1}}
+
+
+def swap_two_tokens(d):
+    tok = json.loads((d / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["the"], vocab["of"] = vocab["of"], vocab["the"]
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def task_teacher(*edits, same_as_model=False):
+    """model= the tiny teacher (an MLM model, as a fine-tune of the teacher starts), distill.teacher= a copy of
+    it edited by `edits` (config changes, file edits)."""
+    def setup(tmp, teacher):
+        model = teacher_copy(tmp, teacher)
+        if same_as_model:
+            return [f"model={model}", f"distill.teacher={model}", f"output_dir={tmp / 'ft'}"]
+        t = tmp / "teacher-ft"
+        shutil.copytree(teacher, t)
+        for edit in edits:
+            edit(t)
+        return [f"model={model}", f"distill.teacher={t}", f"output_dir={tmp / 'ft'}"]
+    return setup
+
+
+def finetune_dir_with(kind: str):
+    def setup(tmp, teacher):
+        model, out = teacher_copy(tmp, teacher), tmp / "ft"
+        args = [f"model={model}", f"output_dir={out}"]
+        if kind == "is-file":
+            out.write_text("not a directory")
+            return args
+        if kind == "is-model":
+            return [f"model={model}", f"output_dir={model}"]
+        if kind == "holds-model":
+            shutil.copytree(teacher, out)
+            return args
+        out.mkdir()
+        if kind == "finished":
+            (out / "recipe.yaml").write_text(resolve(FINETUNE, args).to_yaml())
+            (out / "results.json").write_text('{"test": {"accuracy": 0.9}}')
+            (out / "config.json").write_text("{}")
+        elif kind == "other-recipe":
+            # as a run writes it: the precision resolved (Accelerate's "no" on this CPU)
+            (out / "recipe.yaml").write_text(resolve(FINETUNE, [*args, "train.lr=0.1", "train.mixed_precision=no"]
+                                                     ).to_yaml())
+            (out / "metrics.jsonl").write_text('{"step": 20, "loss/train": 1.0}\n')
+        elif kind == "locked":
+            (out / ".lock").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "since": "boot"}))
+        return args
+    return setup
+
+
 UTF16 = "a wikipedia article about cats\n".encode("utf-16")
 JSONL = b'{"text": "the cat sat on the mat and looked at the dog for a while"}\n' * 50
 
@@ -291,9 +346,47 @@ CASES = [
     Case("finetune-epochs-zero", ["train.epochs=0"], r"train.epochs must be > 0", recipe=FINETUNE),
     Case("finetune-model-missing", ["model=./no-model"], r"no-model", recipe=FINETUNE),
     Case("finetune-files-no-splits", ["task.source=files"], r"task.splits must name files", recipe=FINETUNE),
+    Case("finetune-model-path-not-hub-id", ["model=runs/wiki/student"],
+         r"runs/wiki/student is not a model directory \(nor a Hub model id\)", recipe=FINETUNE),
     Case("finetune-file-missing", ["task.source=files", "task.splits={train: a.jsonl, test: b.jsonl}"],
-         r"task file a.jsonl not found", recipe=FINETUNE),
+         r"task file a.jsonl not found", setup=finetune_dir_with("new"), recipe=FINETUNE),
     Case("finetune-unknown-task", ["task.source=glue"], r"task.source is 'glue'", recipe=FINETUNE),
+    Case("finetune-max-length-over-positions", ["task.max_length=512"],
+         r"task.max_length 512 exceeds the 128 position embeddings of model", setup=finetune_dir_with("new"),
+         recipe=FINETUNE),
+    Case("finetune-output-is-file", [], r"output_dir .* is a file", setup=finetune_dir_with("is-file"),
+         recipe=FINETUNE),
+    Case("finetune-output-finished", [], r"holds a finished fine-tune \(results.json\).*--overwrite",
+         setup=finetune_dir_with("finished"), recipe=FINETUNE),
+    Case("finetune-output-holds-model", [], r"holds a model \(config.json\)", setup=finetune_dir_with("holds-model"),
+         recipe=FINETUNE),
+    Case("finetune-output-is-the-model", [], r"output_dir .* is the model's own directory",
+         setup=finetune_dir_with("is-model"), recipe=FINETUNE),
+    Case("finetune-output-other-recipe", [], r"unfinished fine-tune of another recipe \(train.lr differ",
+         setup=finetune_dir_with("other-recipe"), recipe=FINETUNE),
+    Case("finetune-output-locked", [], r"in use by another run \(pid 1", setup=finetune_dir_with("locked"),
+         recipe=FINETUNE),
+    # --- task-specific distillation (distill.teacher)
+    Case("task-distill-alpha-negative", ["distill.alpha_ce=-1"], r"distill.alpha_ce and distill.alpha_task must be",
+         recipe=FINETUNE),
+    Case("task-distill-alphas-zero", ["distill.alpha_ce=0", "distill.alpha_task=0"],
+         r"distill.alpha_ce \+ distill.alpha_task must be > 0", recipe=FINETUNE),
+    Case("task-distill-temperature-zero", ["distill.temperature=0"], r"distill.temperature must be > 0",
+         recipe=FINETUNE),
+    Case("task-distill-teacher-missing", ["distill.teacher=./no-teacher"],
+         r"distill.teacher ./no-teacher cannot be read", setup=finetune_dir_with("new"), recipe=FINETUNE),
+    Case("task-distill-teacher-not-finetuned", [], r"is not a fine-tuned classifier .*BertForMaskedLM",
+         setup=task_teacher(), recipe=FINETUNE),
+    Case("task-distill-teacher-is-the-model", [], r"is the model being fine-tuned",
+         setup=task_teacher(same_as_model=True), recipe=FINETUNE),
+    Case("task-distill-teacher-other-vocab-size", [], r"vocabulary of 30000 tokens, the model 30522",
+         setup=task_teacher(edit_config(**CLASSIFIER, vocab_size=30000)), recipe=FINETUNE),
+    Case("task-distill-teacher-other-token-ids", [], r"another tokenizer vocabulary",
+         setup=task_teacher(edit_config(**CLASSIFIER), swap_two_tokens), recipe=FINETUNE),
+    Case("task-distill-teacher-short-positions", [], r"exceeds the 64 position embeddings of distill.teacher",
+         setup=task_teacher(edit_config(**CLASSIFIER, max_position_embeddings=64)), recipe=FINETUNE),
+    Case("task-distill-teacher-other-labels", [], r"fine-tuned on other labels \(2: a, b\) than the task's \(11:",
+         setup=task_teacher(edit_config(**CLASSIFIER)), recipe=FINETUNE),
 ]
 
 

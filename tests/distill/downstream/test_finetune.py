@@ -66,15 +66,55 @@ def test_task_specific_distillation_from_a_finetuned_teacher(tiny_teacher_dir, t
     from distill.downstream.finetune import finetune
 
     common = ["task.max_train_examples=48", "task.max_length=32", "train.epochs=1", "train.batch_size=16",
-              "tracking.wandb=false"]
+              "train.log_every=1", "tracking.wandb=false"]
     finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml",
                      [f"model={tiny_teacher_dir}", f"output_dir={tmp_path / 't'}", *common]))
-    summary = finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml", [
-        f"model={tiny_student}", f"output_dir={tmp_path / 's'}", f"distill.teacher={tmp_path / 't'}",
-        "distill.alpha_ce=0.7", "distill.alpha_task=0.3", *common]))
-    results = json.loads((tmp_path / "s" / "results.json").read_text())
+
+    def student(out, *extra):
+        finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml",
+                         [f"model={tiny_student}", f"output_dir={tmp_path / out}", *common, *extra]))
+        rows = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return json.loads((tmp_path / out / "results.json").read_text()), [r for r in rows if "loss/train" in r]
+
+    results, rows = student("s", f"distill.teacher={tmp_path / 't'}", "distill.alpha_ce=0.7", "distill.alpha_task=0.3")
     assert results["task_distillation_teacher"] == str(tmp_path / "t")
-    assert 0 <= summary["test_accuracy"] <= 1
+    assert 0 <= results["test"]["accuracy"] <= 1 and len(rows) == 3
+    for r in rows:  # the logged total is the weighted sum of the two logged terms
+        assert r["loss/kd"] > 0
+        assert r["loss/train"] == pytest.approx(0.3 * r["loss/task"] + 0.7 * r["loss/kd"], rel=1e-5)
+    # with the soft-target weight at 0 the teacher changes nothing: the same run as plain fine-tuning
+    plain, plain_rows = student("plain")
+    off, off_rows = student("off", f"distill.teacher={tmp_path / 't'}", "distill.alpha_ce=0", "distill.alpha_task=1")
+    assert [r["loss/train"] for r in off_rows] == [r["loss/train"] for r in plain_rows]
+    assert off["test"]["correct"] == plain["test"]["correct"] and "loss/task" not in plain_rows[0]
+
+
+def test_a_finished_finetune_is_refused_and_replaced_only_with_overwrite(tiny_student, tmp_path):
+    from distill import rundir
+    from distill.downstream.finetune import finetune
+
+    out = tmp_path / "ft"
+    overrides = [f"model={tiny_student}", f"output_dir={out}", "task.max_train_examples=32", "task.max_length=32",
+                 "train.epochs=1", "train.batch_size=16", "train.log_every=1", "tracking.wandb=false"]
+    recipe = resolve(ROOT / "recipes/finetune/wiki-topics.yaml", overrides)
+    # an unfinished attempt of the same recipe (killed before its results): started again, its records dropped
+    out.mkdir()
+    (out / "recipe.yaml").write_text(recipe.to_yaml().replace("mixed_precision: null", "mixed_precision: 'no'"))
+    (out / "metrics.jsonl").write_text('{"step": 999, "loss/train": 9.0}\n')
+    (out / ".best").mkdir()
+    finetune(recipe)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 999 not in steps and steps == sorted(steps) and (out / "results.json").exists()
+    first = (out / "results.json").read_bytes()
+    with pytest.raises(rundir.RunDirError, match="holds a finished fine-tune"):
+        finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml", overrides))
+    assert (out / "results.json").read_bytes() == first
+    (out / "confusion_old.png").write_bytes(b"stale")  # an earlier run's file: --overwrite removes it
+    finetune(resolve(ROOT / "recipes/finetune/wiki-topics.yaml", [*overrides, "train.seed=7"]), overwrite=True)
+    again = json.loads((out / "results.json").read_text())
+    assert not (out / "confusion_old.png").exists() and not (out / ".lock").exists()
+    assert resolve(ROOT / "recipes/finetune/wiki-topics.yaml", [*overrides, "train.seed=7"]).train.seed == 7
+    assert again["steps"] == 2 and (out / "recipe.yaml").read_text().count("seed: 7") == 1
 
 
 @pytest.mark.parametrize("n", [5, 11, 40, 200])
