@@ -59,6 +59,9 @@ def test_task_distillation_recipe_resolves(tmp_path):
                                                                "task.splits={train: a.jsonl, test: b.jsonl}"])
     assert r.kind == "finetune" and r.distill.teacher == "runs/teacher-ft"
     assert r.task.splits == {"train": "a.jsonl", "test": "b.jsonl"}
+    kd = resolve(ROOT / "recipes/finetune/wiki-topics-distill.yaml")  # the paper's second step, offline
+    plain = resolve(ROOT / "recipes/finetune/wiki-topics.yaml")
+    assert kd.distill.teacher == "runs/topics/teacher" and kd.task == plain.task and kd.train == plain.train
     assert Path(ROOT / "recipes/finetune/sst2.yaml").exists()
 
 
