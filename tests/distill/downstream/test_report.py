@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,11 +222,19 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
         measure.parse_ablation(f"x={tmp_path / 'base'}+{tmp_path / 'better'},{tmp_path / 'base-ft'}")
 
 
-ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its name, the records of its seeds)
+ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its name, the records of its seeds, and
+    # the suffix of their fine-tunes' records: <record><suffix>/results.json, "-topics" unless given)
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
                                    "reverse-kl", "jsd", "hidden-mse", "attn-kl", "minilmv2")],
     "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"]) for v in ("triple", "jsd", "no-mlm")],
 }
+
+
+def ablation_spec(records: Path, name: str, runs: list[str], suffix: str = "-topics") -> str:
+    """--ablation NAME=D1+D2..[,F1+F2..] for a README row (the fine-tunes where every run has one)."""
+    topics = [records / f"{v}{suffix}" for v in runs]
+    return (f"{name}={'+'.join(str(records / v) for v in runs)}"
+            + (f",{'+'.join(map(str, topics))}" if all(t.is_dir() for t in topics) else ""))
 
 
 def test_the_readme_ablation_tables_are_what_the_committed_records_give(tmp_path):
@@ -235,21 +244,17 @@ def test_the_readme_ablation_tables_are_what_the_committed_records_give(tmp_path
     records = ROOT / "benchmarks/results/ablation-cpu-2026-12-01"
     readme = (ROOT / "README.md").read_text().splitlines()
 
-    def spec(name, runs):
-        topics = [records / f"{v}-topics" for v in runs]
-        return (f"{name}={'+'.join(str(records / v) for v in runs)}"
-                + (f",{'+'.join(map(str, topics))}" if all(t.is_dir() for t in topics) else ""))
-
     for table, rows_of in ABLATION_TABLES.items():
         out = tmp_path / table
-        report.main([a for name, runs in rows_of for a in ("--ablation", spec(name, runs))] + ["--output", str(out)])
-        starts = tuple(f"| {name} |" for name, _ in rows_of)
+        specs = [a for row in rows_of for a in ("--ablation", ablation_spec(records, *row))]
+        report.main([*specs, "--output", str(out)])
+        starts = tuple(f"| {row[0]} |" for row in rows_of)
         rows = [x for x in (out / "report.md").read_text().splitlines() if x.startswith(starts)]
         assert len(rows) == len(rows_of) and all(row in readme for row in rows), table
         # every held-out difference paired: token by token (single runs) or seed by seed (several)
         assert all("(paired" in row for row in rows[1:])
     # every run, of any seed, scored the same tokens (train.eval_seed), with one teacher
     held = [json.loads((d / "heldout.json").read_text()) for d in records.iterdir() if (d / "heldout.json").is_file()]
-    assert len(held) == len({v for rows_of in ABLATION_TABLES.values() for _, runs in rows_of for v in runs})
+    assert len(held) == len({v for rows_of in ABLATION_TABLES.values() for row in rows_of for v in row[1]})
     assert len({h["fingerprint"] for h in held}) == 1 and {h["tokens"] for h in held} == {87_628}
     assert len({h["teacher"]["correct"] for h in held}) == 1
