@@ -258,3 +258,32 @@ def test_the_readme_ablation_tables_are_what_the_committed_records_give(tmp_path
     assert len(held) == len({v for rows_of in ABLATION_TABLES.values() for row in rows_of for v in row[1]})
     assert len({h["fingerprint"] for h in held}) == 1 and {h["tokens"] for h in held} == {87_628}
     assert len({h["teacher"]["correct"] for h in held}) == 1
+
+
+def test_the_readme_pipeline_table_is_what_the_committed_records_give():
+    """The README's 2026-12-02 pipeline table (held-out MLM, topics fine-tuned and task-distilled, each with its
+    student / teacher ratio) recomputed from the records in benchmarks/results/pipeline-cpu-2026-12-02."""
+    from distill import stats
+    from distill.metrics import unpack_correct
+
+    records = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02"
+    readme = (ROOT / "README.md").read_text()
+    held = json.loads((records / "distill/heldout.json").read_text())
+    correct = {k: unpack_correct(held[k]["correct"], held["tokens"]) for k in ("teacher", "student")}
+
+    def pct(model):
+        acc = held[model]["mlm_accuracy"]
+        assert acc == pytest.approx(correct[model].double().mean().item(), abs=1e-12)
+        return f"{100 * acc:.1f} ± {196 * stats.binomial_se(acc, held['tokens']):.1f} %"
+
+    ratio = report.with_interval(stats.paired_proportion_ratio(correct["student"], correct["teacher"]))
+    assert (f"| held-out masked-token accuracy ({held['tokens']:,} tokens, same masks) | {pct('teacher')} | "
+            f"{pct('student')} | {ratio} |") in readme
+    teacher = json.loads((records / "topics-teacher/results.json").read_text())["test"]
+    for name, label in (("topics-student", "fine-tuned"), ("topics-student-kd", "task-distilled student")):
+        run = json.loads((records / name / "results.json").read_text())
+        assert bool(run["task_distillation_teacher"]) == name.endswith("-kd")
+        test = run["test"]
+        ratio = report.with_interval(stats.paired_bootstrap_ratio(test["correct"], teacher["correct"]))
+        assert (f"| topic test accuracy, {label} | {teacher['accuracy']:.4f} | {test['accuracy']:.4f} | {ratio} |"
+                in readme), name
