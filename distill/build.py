@@ -213,17 +213,23 @@ def student_config(recipe: Recipe, teacher_conf):
 
 def check_resumable(saved: dict, recipe: Recipe) -> None:
     """A run directory is resumed only by the same recipe (up to keys that do not change the math)."""
-    a, b = tracking.flatten(_with_defaults(saved), "."), tracking.flatten(recipe.to_dict(), ".")
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    saved = _with_defaults(saved)
+    changed = [k for k in changed_keys(saved, recipe.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise RecipeError(f"{recipe.output_dir} holds a run with a different recipe ({', '.join(changed[:3])} "
                           "differ); use another output_dir, or pass --overwrite to replace that run")
-    old = a.get("train.max_steps")
+    old = (saved.get("train") or {}).get("max_steps")
     if old is not None and old != recipe.train.max_steps:
         train_cfg = recipe.train
         logger.warning("train.max_steps changed from %s to %s on resume: the learning-rate schedule changes from "
                        "here on (warmup %d steps, linear decay to 0 at step %d)", old, train_cfg.max_steps,
                        int(train_cfg.warmup_fraction * train_cfg.max_steps), train_cfg.max_steps)
+
+
+def changed_keys(a: dict, b: dict) -> list[str]:
+    """The keys of two recipes (nested mappings) whose values differ, as dotted paths, sorted."""
+    a, b = tracking.flatten(a, "."), tracking.flatten(b, ".")
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _with_defaults(saved: dict) -> dict:

@@ -203,13 +203,11 @@ def check_new_finetune(run_dir: Path, overwrite: bool, recipe: dict[str, Any], s
     if (run_dir / "config.json").exists():
         raise RunDirError(f"{run_dir} holds a model (config.json); use another output_dir, or pass --overwrite to "
                           "replace it")
-    from distill.build import read_saved_recipe  # (build imports this module)
-    from distill.tracking import flatten
+    from distill.build import changed_keys, read_saved_recipe  # (build imports this module)
 
     saved = read_saved_recipe(run_dir)
     if saved is not None:
-        a, b = flatten(saved, "."), flatten(recipe, ".")
-        changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        changed = changed_keys(saved, recipe)
         if changed:
             raise RunDirError(f"{run_dir} holds an unfinished fine-tune of another recipe ({', '.join(changed[:3])} "
                               "differ); use another output_dir, or pass --overwrite to replace it")

@@ -55,7 +55,7 @@ def load_classifier(name_or_path: str, label_names: list[str]) -> torch.nn.Modul
     return transformers.AutoModelForSequenceClassification.from_pretrained(directory, **labels)
 
 
-def check_task_teacher(recipe: FinetuneRecipe, model_dir: Path, tokenizer) -> Path | None:
+def check_task_teacher(recipe: FinetuneRecipe, model_dir: Path, model_config, tokenizer) -> Path | None:
     """The task-distillation teacher (`distill.teacher`), checked before any slow work: a fine-tuned sequence
     classifier (a teacher with an untrained head would give random soft targets) that reads the student's
     token ids (same vocabulary) at `task.max_length`. Its labels are checked against the task's once the
@@ -76,7 +76,7 @@ def check_task_teacher(recipe: FinetuneRecipe, model_dir: Path, tokenizer) -> Pa
         raise ValueError(f"distill.teacher {recipe.distill.teacher} is not a fine-tuned classifier (its config names "
                          f"{architectures or 'no architecture'}); fine-tune the teacher on this task first "
                          "(distill/run.py <finetune recipe> model=<teacher> output_dir=<dir>) and pass that directory")
-    student_vocab = transformers.AutoConfig.from_pretrained(model_dir).vocab_size
+    student_vocab = model_config.vocab_size
     if config.vocab_size != student_vocab:
         raise ValueError(f"distill.teacher {recipe.distill.teacher} has a vocabulary of {config.vocab_size} tokens, "
                          f"the model {student_vocab}: the teacher must read the student's token ids")
@@ -119,8 +119,9 @@ def finetune(recipe: FinetuneRecipe, overwrite: bool = False) -> dict[str, Any]:
     hub.check_push(recipe.hub)
     model_dir = resolve_model_dir(recipe.model)
     tokenizer = get_tokenizer(recipe.tokenizer or str(model_dir))
-    check_positions(transformers.AutoConfig.from_pretrained(model_dir), recipe.task.max_length, f"model {recipe.model}")
-    teacher_dir = check_task_teacher(recipe, model_dir, tokenizer)
+    model_config = transformers.AutoConfig.from_pretrained(model_dir)
+    check_positions(model_config, recipe.task.max_length, f"model {recipe.model}")
+    teacher_dir = check_task_teacher(recipe, model_dir, model_config, tokenizer)
     accelerator = make_accelerator(recipe.train, log_with=tracking.log_with(recipe.tracking), project_dir=str(run_dir))
     rundir.stop_with_launcher()
     sources = {"model": model_dir, **({"distill.teacher": teacher_dir} if teacher_dir else {})}
