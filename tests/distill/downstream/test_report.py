@@ -227,6 +227,8 @@ ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its na
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
                                    "reverse-kl", "jsd", "hidden-mse", "attn-kl", "minilmv2")],
     "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"]) for v in ("triple", "jsd", "no-mlm")],
+    "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
+                          ("triple, task-distilled", ["triple", "triple-seed57", "triple-seed58"], "-topics-kd")],
 }
 
 
