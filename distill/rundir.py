@@ -162,15 +162,7 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
             raise RunDirError(f"{run_dir} holds an exported student (student/) and no checkpoint to resume; use "
                               "another output_dir, or pass --overwrite to replace that run")
         return
-    if not any((run_dir / name).exists() or (run_dir / name).is_symlink() for name in RUN_FILES):
-        return
-    logger.warning("--overwrite: removing the earlier run's files in %s", run_dir)
-    for name in RUN_FILES:
-        p = run_dir / name
-        if p.is_symlink() or p.is_file():
-            p.unlink()
-        elif p.is_dir():
-            shutil.rmtree(p)
+    remove([p for name in RUN_FILES if (p := run_dir / name).exists() or p.is_symlink()], run_dir)
 
 
 # What a fine-tune writes into its directory: its own records and the best model's files (save_pretrained,
@@ -215,10 +207,11 @@ def check_new_finetune(run_dir: Path, overwrite: bool, recipe: dict[str, Any], s
 
 
 def remove(paths: list[Path], run_dir: Path) -> None:
-    """Remove an earlier run's files (from check_new_finetune), with one warning line."""
+    """Remove an earlier run's files (those a run writes: check_new_run, check_new_finetune), with one warning
+    line naming them."""
     if not paths:
         return
-    logger.warning("removing the earlier fine-tune's files in %s: %s", run_dir, ", ".join(p.name for p in paths))
+    logger.warning("removing the earlier run's files in %s: %s", run_dir, ", ".join(p.name for p in paths))
     for p in paths:
         if p.is_symlink() or p.is_file():
             p.unlink()
