@@ -225,7 +225,8 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
 ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its name, the records of its seeds, and
     # the suffix of their fine-tunes' records: <record><suffix>/results.json, "-topics" unless given)
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
-                                   "reverse-kl", "jsd", "hidden-mse", "hidden-mse-w10", "attn-kl", "minilmv2")],
+                                   "reverse-kl", "jsd", "hidden-mse", "hidden-mse-w10", "hidden-mse-w100",
+                                   "attn-kl", "minilmv2")],
     "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"]) for v in ("triple", "jsd", "no-mlm")],
     "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
                           ("triple, task-distilled", ["triple", "triple-seed57", "triple-seed58"], "-topics-kd")],
