@@ -98,12 +98,11 @@ def check_positions(config, max_length: int, what: str) -> None:
 def check_teacher_labels(teacher_dir: Path, label_names: list[str]) -> None:
     """The teacher's classifier must predict this task's labels, in this order."""
     config = transformers.AutoConfig.from_pretrained(teacher_dir)
-    theirs = [str(config.id2label[i]) for i in range(config.num_labels)]
-    if theirs != [str(n) for n in label_names]:
+    theirs, ours = [str(config.id2label[i]) for i in range(config.num_labels)], [str(n) for n in label_names]
+    if theirs != ours:
         def show(names):
             return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
-        ours = [str(n) for n in label_names]
         raise ValueError(f"distill.teacher {teacher_dir} was fine-tuned on other labels ({len(theirs)}: "
                          f"{show(theirs)}) than the task's ({len(ours)}: {show(ours)}); fine-tune it on this task")
 
