@@ -113,8 +113,8 @@ def distilled_card(recipe, student, teacher_name: str, corpus_stats: dict, step:
                       datasets=[data.name] if data.source == "hub" and data.name else [],
                       summary=summary, results=results, recipe=recipe.to_dict(),
                       usage=usage.replace("REPO_OR_DIR", hub.repo_id or recipe.output_dir + "/student"),
-                      notes=f"Distilled from `{teacher_name}` with DistilBERT Kit (the triple loss of Sanh et al. "
-                            "2019, arXiv 1910.01108, and the recipe below).")
+                      notes=f"Distilled from `{teacher_name}` with DistilBERT Kit (after Sanh et al. 2019, arXiv "
+                            "1910.01108), with the losses above and the recipe below.")
 
 
 def finetuned_card(recipe, label_names: list[str], results: dict) -> str:

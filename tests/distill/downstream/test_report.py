@@ -227,7 +227,7 @@ ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its na
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
                                    "reverse-kl", "jsd", "hidden-mse", "hidden-mse-w10", "hidden-mse-w100",
                                    "attn-kl", "minilmv2")],
-    "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"]) for v in ("triple", "jsd", "no-mlm")],
+    "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"]) for v in ("triple", "jsd", "no-mlm", "hidden-mse-w100")],
     "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
                           ("triple, task-distilled", ["triple", "triple-seed57", "triple-seed58"], "-topics-kd")],
 }
