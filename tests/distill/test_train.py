@@ -81,9 +81,10 @@ def interrupt_at(monkeypatch, call: int) -> None:
 
 
 def test_resume_is_exact(tiny_teacher_dir, tmp_path, monkeypatch):
-    # grad_accum 2 and dropout on: the data position and the RNG states must both be restored.
+    # grad_accum 2 and dropout on: the data position and the RNG states must both be restored. With the
+    # main recipe's hidden-state MSE on top of the triple loss (and the logits MSE).
     common = ["train.max_steps=6", "train.grad_accum=2", "train.save_every=100", "train.eval_every=100",
-              "loss.alpha_mse=0.5"]
+              "loss.alpha_mse=0.5", "loss.alpha_hidden_mse=1.0"]
     train_mod.train(recipe(tiny_teacher_dir, tmp_path / "a", *common))
     interrupt_at(monkeypatch, call=5)  # during step 3 (two micro-batches per step)
     with pytest.raises(SystemExit):
@@ -126,7 +127,7 @@ def test_runs_of_other_training_seeds_score_the_same_held_out_tokens(tiny_teache
 
 def test_two_process_ddp_matches_one_process(tiny_teacher_dir, tmp_path):
     args = [str(TINY), f"teacher.name_or_path={tiny_teacher_dir}", "train.max_steps=4", "train.log_every=1",
-            "student.dropout=0.0", "train.eval_every=100"]
+            "student.dropout=0.0", "train.eval_every=100", "loss.alpha_hidden_mse=1.0"]  # the main recipe's losses
     one = tmp_path / "one"
     two = tmp_path / "two"
     kit(*args, f"output_dir={one}")
