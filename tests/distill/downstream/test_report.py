@@ -307,7 +307,6 @@ def test_the_readme_hidden_mse_pipeline_tables_are_what_the_committed_records_gi
     """The main recipe with hidden-state MSE: its pipeline table (the task distillation at three settings), the
     setting chosen on validation accuracy, and its differences to the triple-loss pipeline, paired."""
     from distill import stats
-    from distill.metrics import unpack_correct
 
     records = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02-hidden-mse"
     before = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02"
@@ -321,9 +320,9 @@ def test_the_readme_hidden_mse_pipeline_tables_are_what_the_committed_records_gi
     chosen = max(kd, key=lambda d: val[d])
     assert f"chosen on validation accuracy: {kd_label(chosen)} ({100 * val[chosen]:.2f} %" in readme
     # against the triple-loss pipeline: held-out MLM paired token by token (same evaluation set), topics paired
-    held = [json.loads((r / "distill/heldout.json").read_text()) for r in (records, before)]
-    assert held[0]["fingerprint"] == held[1]["fingerprint"]
-    mlm = stats.paired_proportion_diff(*(unpack_correct(h["student"]["correct"], h["tokens"]) for h in held))
+    held = [measure.last_heldout(r / "distill") for r in (records, before)]  # the report's reader of a run
+    assert held[0].correct is not None and held[0].fingerprint == held[1].fingerprint
+    mlm = stats.paired_proportion_diff(held[0].correct, held[1].correct)
     topics = [json.loads((r / "topics-student/results.json").read_text())["test"]["correct"] for r in (records, before)]
     top = stats.paired_bootstrap_diff(*topics)
     for what, d in (("held-out MLM", mlm), ("topics", top)):
