@@ -223,21 +223,25 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
 
 
 ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its name, the records of its seeds, and
-    # the suffix of their fine-tunes' records: <record><suffix>/results.json, "-topics" unless given)
+    # the suffix of their fine-tunes' records: <record><suffix>/results.json, "-topics" unless given, None: none)
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
                                    "reverse-kl", "jsd", "hidden-mse", "hidden-mse-w10", "hidden-mse-w100",
                                    "hidden-mse-w300", "attn-kl", "minilmv2")],
-    "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"]) for v in ("triple", "jsd", "no-mlm", "hidden-mse-w100")],
+    "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"])
+                    for v in ("triple", "jsd", "no-mlm", "hidden-mse-w100", "hidden-mse-w300")],
+    "hidden-MSE weight, seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None)  # held-out MLM only
+                                       for v in ("hidden-mse-w100", "hidden-mse-w300")],
     "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
                           ("triple, task-distilled", ["triple", "triple-seed57", "triple-seed58"], "-topics-kd")],
 }
 
 
-def ablation_spec(records: Path, name: str, runs: list[str], suffix: str = "-topics") -> str:
-    """--ablation NAME=D1+D2..[,F1+F2..] for a README row (the fine-tunes where every run has one)."""
-    topics = [records / f"{v}{suffix}" for v in runs]
+def ablation_spec(records: Path, name: str, runs: list[str], suffix: str | None = "-topics") -> str:
+    """--ablation NAME=D1+D2..[,F1+F2..] for a README row (the fine-tunes where every run has one; none
+    where the suffix is None)."""
+    topics = [records / f"{v}{suffix}" for v in runs] if suffix else []
     return (f"{name}={'+'.join(str(records / v) for v in runs)}"
-            + (f",{'+'.join(map(str, topics))}" if all(t.is_dir() for t in topics) else ""))
+            + (f",{'+'.join(map(str, topics))}" if topics and all(t.is_dir() for t in topics) else ""))
 
 
 def test_the_readme_ablation_tables_are_what_the_committed_records_give(tmp_path):
