@@ -51,12 +51,22 @@ def cache_root() -> Path:
 
 
 def source_identity(name_or_path: str) -> dict:
-    """What identifies the starting teacher: a hub name, or a directory's weight files (size + mtime)."""
+    """What identifies the starting teacher: a hub name, or the content of a directory's weight and config
+    files (name + SHA-256). Content, not size and mtime, so a reinstalled or moved copy of the same teacher
+    keeps its cached adaptation; a changed byte does not."""
     path = Path(resolve_teacher_path(name_or_path))
     if not path.is_dir():
         return {"hub": name_or_path}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return {"dir": str(path.resolve()), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    return {"files": [(p.name, _file_sha256(p)) for p in files]}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, corpus_id: dict) -> str:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,19 @@ def test_cached_adaptations_keep_their_keys_and_new_settings_enter_only_when_cha
     assert adaptation_key("minilm", changed, MaskingConfig(smoothing=0.0), corpus_id) != before
     assert adaptation_key("minilm", dataclasses.replace(default, save_every=7), MaskingConfig(smoothing=0.0),
                           corpus_id) == before
+
+
+def test_the_teacher_identity_is_its_files_content_not_their_place_or_time(tiny_teacher_dir, tmp_path):
+    import os
+    import shutil
+
+    from distill.adapt import source_identity
+
+    copy = Path(shutil.copytree(tiny_teacher_dir, tmp_path / "reinstalled"))
+    for p in copy.iterdir():
+        os.utime(p, ns=(10**18, 10**18))  # a reinstall: same bytes, another directory, new mtimes
+    assert source_identity(str(copy)) == source_identity(str(tiny_teacher_dir))
+    config = copy / "config.json"
+    config.write_text(config.read_text() + " ")  # one byte more
+    assert source_identity(str(copy)) != source_identity(str(tiny_teacher_dir))
+    assert source_identity("bert-base-uncased") == {"hub": "bert-base-uncased"}
