@@ -331,3 +331,28 @@ def test_the_readme_hidden_mse_pipeline_tables_are_what_the_committed_records_gi
     top = stats.paired_bootstrap_diff(*topics)
     for what, d in (("held-out MLM", mlm), ("topics", top)):
         assert f"{what} {100 * d.estimate:+.2f} points (95 % CI {100 * d.low:+.2f} to {100 * d.high:+.2f})" in readme
+
+
+def test_the_readme_main_recipe_pipeline_table_is_what_the_committed_records_give():
+    """The main recipe as it stands (hidden-state MSE at weight 300): its pipeline table, recomputed from its
+    records, and its differences to the weight-100 pipeline, paired (same evaluation tokens, same teacher,
+    same fine-tune seed)."""
+    from distill import stats
+
+    records = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02-hidden-mse300"
+    before = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02-hidden-mse"
+    readme = (ROOT / "README.md").read_text()
+    recipe = resolve(records / "distill/recipe.yaml")
+    assert recipe.loss.alpha_hidden_mse == resolve(ROOT / "recipes/wiki.yaml").loss.alpha_hidden_mse == 300.0
+    rows = pipeline_rows(records, kd_label)
+    assert len(rows) == 2 and all(row in readme for row in rows), [row for row in rows if row not in readme]
+    held = [measure.last_heldout(r / "distill") for r in (records, before)]
+    assert held[0].correct is not None and held[0].fingerprint == held[1].fingerprint
+    teachers = [json.loads((r / "distill/heldout.json").read_text())["teacher"]["correct"] for r in (records, before)]
+    assert teachers[0] == teachers[1]  # one teacher: every token scored alike
+    mlm = stats.paired_proportion_diff(held[0].correct, held[1].correct)
+    topics = [json.loads((r / "topics-student/results.json").read_text())["test"]["correct"] for r in (records, before)]
+    top = stats.paired_bootstrap_diff(*topics)
+    for what, d in (("held-out MLM", mlm), ("topics", top)):
+        assert (f"against weight 100, {what} {100 * d.estimate:+.2f} points "
+                f"(95 % CI {100 * d.low:+.2f} to {100 * d.high:+.2f})") in readme
