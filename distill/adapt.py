@@ -58,15 +58,7 @@ def source_identity(name_or_path: str) -> dict:
     if not path.is_dir():
         return {"hub": name_or_path}
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return {"files": [(p.name, _file_sha256(p)) for p in files]}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {"files": [(p.name, checkpoint.file_sha256(p)) for p in files]}
 
 
 def adaptation_key(name_or_path: str, cfg: AdaptConfig, masking: MaskingConfig, corpus_id: dict) -> str:

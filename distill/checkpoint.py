@@ -109,7 +109,8 @@ def legacy_dirs(run_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------ saving
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -225,7 +226,7 @@ def save(parts: Parts, run_dir: Path, step: int, state: dict[str, Any], keep: in
     if parts.is_main:
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {"format": FORMAT, "step": step, "world": parts.world,
-                    "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+                    "files": {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}}
         _write_json(tmp / MANIFEST, manifest)
         commit_directory(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -273,7 +274,7 @@ def verify(path: Path, world: int) -> dict:
             raise Damaged(f"{name} is missing")
         if p.stat().st_size != want.get("size"):
             raise Damaged(f"{name} has {p.stat().st_size} bytes, the manifest says {want.get('size')}")
-        if _sha256(p) != want.get("sha256"):
+        if file_sha256(p) != want.get("sha256"):
             raise Damaged(f"{name} does not match its sha256 in the manifest")
     return manifest
 

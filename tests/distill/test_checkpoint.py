@@ -82,7 +82,7 @@ def test_a_pickle_planted_in_any_file_never_runs(tmp_path, name, rewrite_manifes
     for legacy in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
         (ckpt / legacy).write_bytes(pickle.dumps(Evil(marker)))
     if rewrite_manifest and name != "manifest.json":
-        files = {f.name: {"size": f.stat().st_size, "sha256": checkpoint._sha256(f)}
+        files = {f.name: {"size": f.stat().st_size, "sha256": checkpoint.file_sha256(f)}
                  for f in ckpt.iterdir() if f.name != "manifest.json"}
         manifest = json.loads((ckpt / "manifest.json").read_text())
         (ckpt / "manifest.json").write_text(json.dumps({**manifest, "files": files}))

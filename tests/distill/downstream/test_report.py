@@ -307,10 +307,23 @@ def kd_label(run_dir: Path) -> str:
     return f"task-distilled, T = {distill.temperature:g}, α_ce = {distill.alpha_ce:g}"
 
 
+def pipeline_differences(records: Path, before: Path) -> list[str]:
+    """The README's lines for one pipeline against another: held-out MLM paired token by token (the runs must
+    share the evaluation set), topics by a paired bootstrap over the test articles."""
+    from distill import stats
+
+    held = [measure.last_heldout(r / "distill") for r in (records, before)]  # the report's reader of a run
+    assert held[0].correct is not None and held[0].fingerprint == held[1].fingerprint
+    mlm = stats.paired_proportion_diff(held[0].correct, held[1].correct)
+    topics = [json.loads((r / "topics-student/results.json").read_text())["test"]["correct"] for r in (records, before)]
+    top = stats.paired_bootstrap_diff(*topics)
+    return [f"{what} {100 * d.estimate:+.2f} points (95 % CI {100 * d.low:+.2f} to {100 * d.high:+.2f})"
+            for what, d in (("held-out MLM", mlm), ("topics", top))]
+
+
 def test_the_readme_hidden_mse_pipeline_tables_are_what_the_committed_records_give():
     """The main recipe with hidden-state MSE: its pipeline table (the task distillation at three settings), the
     setting chosen on validation accuracy, and its differences to the triple-loss pipeline, paired."""
-    from distill import stats
 
     records = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02-hidden-mse"
     before = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02"
@@ -324,20 +337,14 @@ def test_the_readme_hidden_mse_pipeline_tables_are_what_the_committed_records_gi
     chosen = max(kd, key=lambda d: val[d])
     assert f"chosen on validation accuracy: {kd_label(chosen)} ({100 * val[chosen]:.2f} %" in readme
     # against the triple-loss pipeline: held-out MLM paired token by token (same evaluation set), topics paired
-    held = [measure.last_heldout(r / "distill") for r in (records, before)]  # the report's reader of a run
-    assert held[0].correct is not None and held[0].fingerprint == held[1].fingerprint
-    mlm = stats.paired_proportion_diff(held[0].correct, held[1].correct)
-    topics = [json.loads((r / "topics-student/results.json").read_text())["test"]["correct"] for r in (records, before)]
-    top = stats.paired_bootstrap_diff(*topics)
-    for what, d in (("held-out MLM", mlm), ("topics", top)):
-        assert f"{what} {100 * d.estimate:+.2f} points (95 % CI {100 * d.low:+.2f} to {100 * d.high:+.2f})" in readme
+    for line in pipeline_differences(records, before):
+        assert line in readme, line
 
 
 def test_the_readme_main_recipe_pipeline_table_is_what_the_committed_records_give():
     """The main recipe as it stands (hidden-state MSE at weight 300): its pipeline table, recomputed from its
     records, and its differences to the weight-100 pipeline, paired (same evaluation tokens, same teacher,
     same fine-tune seed)."""
-    from distill import stats
 
     records = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02-hidden-mse300"
     before = ROOT / "benchmarks/results/pipeline-cpu-2026-12-02-hidden-mse"
@@ -346,13 +353,7 @@ def test_the_readme_main_recipe_pipeline_table_is_what_the_committed_records_giv
     assert recipe.loss.alpha_hidden_mse == resolve(ROOT / "recipes/wiki.yaml").loss.alpha_hidden_mse == 300.0
     rows = pipeline_rows(records, kd_label)
     assert len(rows) == 2 and all(row in readme for row in rows), [row for row in rows if row not in readme]
-    held = [measure.last_heldout(r / "distill") for r in (records, before)]
-    assert held[0].correct is not None and held[0].fingerprint == held[1].fingerprint
     teachers = [json.loads((r / "distill/heldout.json").read_text())["teacher"]["correct"] for r in (records, before)]
     assert teachers[0] == teachers[1]  # one teacher: every token scored alike
-    mlm = stats.paired_proportion_diff(held[0].correct, held[1].correct)
-    topics = [json.loads((r / "topics-student/results.json").read_text())["test"]["correct"] for r in (records, before)]
-    top = stats.paired_bootstrap_diff(*topics)
-    for what, d in (("held-out MLM", mlm), ("topics", top)):
-        assert (f"against weight 100, {what} {100 * d.estimate:+.2f} points "
-                f"(95 % CI {100 * d.low:+.2f} to {100 * d.high:+.2f})") in readme
+    for line in pipeline_differences(records, before):
+        assert f"against weight 100, {line}" in readme, line
