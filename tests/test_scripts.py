@@ -7,9 +7,10 @@ import subprocess
 from tests.cli import ROOT
 
 RECORDER = """#!/usr/bin/env bash
-echo "$*" >> "$COMMANDS"
+echo "${OMP_NUM_THREADS:+threads=$OMP_NUM_THREADS }$*" >> "$COMMANDS"
 out=
 for a in "$@"; do case $a in output_dir=*) out=${a#output_dir=};; esac; done
+[ -n "$out" ] || exit 0
 case "$1 $2" in
   "distill/run.py recipes/finetune/"*) mkdir -p "$out" && echo '{}' > "$out/results.json";;
   "distill/run.py "*) mkdir -p "$out/student";;
@@ -17,15 +18,19 @@ esac
 """
 
 
-def ablation(tmp_path, **env):
+def script(tmp_path, name, **env):
     python = tmp_path / "python"
     python.write_text(RECORDER)
     python.chmod(0o755)
     log = tmp_path / "commands.txt"
     log.unlink(missing_ok=True)
-    subprocess.run(["bash", "scripts/ablation.sh"], cwd=ROOT, check=True, timeout=60,
-                   env={**os.environ, "PYTHON": str(python), "COMMANDS": str(log), **env})
+    subprocess.run(["bash", f"scripts/{name}"], cwd=ROOT, check=True, timeout=60,
+                   env={**os.environ, "OMP_NUM_THREADS": "", "PYTHON": str(python), "COMMANDS": str(log), **env})
     return log.read_text().splitlines()
+
+
+def ablation(tmp_path, **env):
+    return script(tmp_path, "ablation.sh", **env)
 
 
 def test_ablation_runs_every_variant_and_seed_once_then_reports(tmp_path):
@@ -65,3 +70,25 @@ def test_ablation_without_fine_tunes_and_with_the_recipes_epochs(tmp_path):
                             f"output_dir={runs}/no-mlm-seed56-topics train.seed=56",
                             f"distill/run.py recipes/finetune/wiki-topics.yaml model={runs}/no-mlm-seed56/teacher "
                             f"output_dir={runs}/teacher-topics"]
+
+
+def test_mlm_loss_study_adapts_once_then_runs_the_grid_in_parallel_and_reports_each_masking(tmp_path):
+    runs = tmp_path / "runs"
+    env = {"WEIGHTS": "0 2", "SMOOTHINGS": "0.7 0.0", "JOBS": "2", "RUNS": str(runs), "STEPS": "7", "ADAPT": "9"}
+    commands = script(tmp_path, "mlm_loss_study.sh", **env)
+    assert commands[0] == "distill/run.py recipes/ablation/triple.yaml --adapt-only teacher.adapt.steps=9"
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    common = ("teacher.adapt.steps=9 train.max_steps=7 train.eval_every=7 train.save_every=7 "
+              "train.eval_mask_draws=8 tracking.tags=[mlm-study]")
+    grid = [(s, w) for s in ("0.7", "0.0") for w in ("0", "2")]
+    # two at a time, so the order within a pair is not fixed
+    assert sorted(commands[1:5]) == sorted(
+        f"threads={threads} distill/run.py recipes/ablation/triple.yaml output_dir={runs}/alpha-mlm{w}-smoothing{s} "
+        f"masking.smoothing={s} loss.alpha_mlm={w} {common}" for s, w in grid)
+    assert commands[5:] == [
+        f"-m distill.downstream.report --ablation alpha-mlm-0={runs}/alpha-mlm0-smoothing{s} "
+        f"--ablation alpha-mlm-2={runs}/alpha-mlm2-smoothing{s} --output {runs}/report-smoothing{s}"
+        for s in ("0.7", "0.0")] + ["-"]
+    # finished runs are skipped: a second call adapts (a cache hit) and reports only
+    again = script(tmp_path, "mlm_loss_study.sh", **env)
+    assert again == [commands[0]] + commands[5:]
