@@ -49,16 +49,17 @@ import json
 import os
 from pathlib import Path
 
-import yaml
+from distill.build import read_saved_recipe
 
-print("| run | L_mlm (nats) | a_mlm * L_mlm / total | a_ce * L_ce / total | held-out MLM | teacher |")
-print("| --- | --- | --- | --- | --- | --- |")
+# the held-out accuracies with their intervals are the reports' above; here what each loss weighed
+print("| run | L_mlm (nats) | a_mlm * L_mlm / total | a_ce * L_ce / total | teacher held-out MLM |")
+print("| --- | --- | --- | --- | --- |")
 for run in sorted(p for p in Path(os.environ["RUNS"]).glob("alpha-mlm*-smoothing*") if p.is_dir()):
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    loss = yaml.safe_load((run / "recipe.yaml").read_text())["loss"]
+    loss = read_saved_recipe(run)["loss"]
     train = [r for r in records if "loss/total" in r][-1]
-    last = [r for r in records if "eval/student_mlm_accuracy" in r][-1]
+    teacher = [r for r in records if "eval/teacher_mlm_accuracy" in r][-1]["eval/teacher_mlm_accuracy"]
     mlm, ce = (loss["alpha_mlm"] * train["loss/mlm"], loss["alpha_ce"] * train["loss/ce"])
     print(f"| {run.name} | {train['loss/mlm']:.2f} | {mlm / train['loss/total']:.0%} | {ce / train['loss/total']:.0%} "
-          f"| {100 * last['eval/student_mlm_accuracy']:.1f} % | {100 * last['eval/teacher_mlm_accuracy']:.1f} % |")
+          f"| {100 * teacher:.1f} % |")
 PY
