@@ -267,6 +267,61 @@ def test_the_readme_ablation_tables_are_what_the_committed_records_give(tmp_path
     assert len({h["teacher"]["correct"] for h in held}) == 1
 
 
+# the training masks of scripts/mlm_loss_study.sh: (their masking.smoothing, the loss.alpha_mlm weights run)
+MLM_STUDY = {"smoothed": ("0.7", ["0", "0.1", "0.5", "2"]), "uniform": ("0.0", ["0", "2"])}
+
+
+def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
+    """The README's L_mlm weight x training-mask tables, the loss shares quoted under them and the masks'
+    effect without L_mlm, recomputed from scripts/mlm_loss_study.sh's records."""
+    from distill.build import read_saved_recipe
+
+    records = ROOT / "benchmarks/results/mlm-study-cpu-2026-12-05"
+    readme = (ROOT / "README.md").read_text()
+    lines = readme.splitlines()
+
+    def label(masks, weight):
+        return f"{masks}, α_mlm {weight}" + (" (paper)" if weight == "2" else "")
+
+    def rows(out, specs):
+        report.main([a for spec in specs for a in ("--ablation", spec)] + ["--output", str(tmp_path / out)])
+        return [x for x in (tmp_path / out / "report.md").read_text().splitlines() if x.startswith("| ")][2:]
+
+    shares = {}
+    for masks, (smoothing, weights) in MLM_STUDY.items():
+        runs = {w: records / f"alpha-mlm{w}-smoothing{smoothing}" for w in weights}
+        table = rows(masks, [f"{label(masks, w)}={run}" for w, run in runs.items()])
+        assert [r.split(" | ")[0] for r in table] == [f"| {label(masks, w)}" for w in weights]
+        assert all(r in lines for r in table), masks
+        assert all("✓ (paired)" in r for r in table[2:])  # the weights from 0.5 on: resolved, token by token
+        for w, run in runs.items():
+            recipe = read_saved_recipe(run)
+            assert recipe["masking"]["smoothing"] == float(smoothing) and recipe["loss"]["alpha_mlm"] == float(w)
+            last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in last if "loss/total" in r][-1]
+            assert last["step"] == 100
+            shares[masks, w] = (recipe["loss"]["alpha_mlm"] * last["loss/mlm"] / last["loss/total"], last["loss/mlm"])
+    def pct(x):
+        return f"{100 * x:.0f}"
+
+    assert (f"{pct(shares['smoothed', '0.1'][0])} / {pct(shares['smoothed', '0.5'][0])} / "
+            f"{pct(shares['smoothed', '2'][0])} % of the total loss") in readme
+    assert (f"(L_mlm {shares['smoothed', '0.1'][1]:.2f} / {shares['smoothed', '0.5'][1]:.2f} / "
+            f"{shares['smoothed', '2'][1]:.2f} nats) and {pct(shares['uniform', '2'][0])} %") in readme
+    assert f"with uniform ones ({shares['uniform', '2'][1]:.2f} nats)" in readme
+    # the masks without L_mlm: uniform against smoothed, paired on the same tokens
+    (without,) = rows("masks", [f"smoothed={records / 'alpha-mlm0-smoothing0.7'}",
+                                f"uniform={records / 'alpha-mlm0-smoothing0.0'}"])[1:]
+    assert f"at α_mlm 0, is {without.split(' | ')[3]}" in " ".join(lines)
+    # every run scored the same tokens with the same teacher (its 33.5 % quoted)
+    held = [json.loads((d / "heldout.json").read_text()) for d in records.iterdir() if d.is_dir()]
+    assert len(held) == sum(len(w) for _, w in MLM_STUDY.values())
+    assert len({h["fingerprint"] for h in held}) == 1 and {h["tokens"] for h in held} == {25_038}
+    assert len({h["teacher"]["correct"] for h in held}) == 1
+    assert f"300 steps ({100 * held[0]['teacher']['mlm_accuracy']:.1f} % held-out)" in readme
+    assert "the same 25,038 masked tokens for every run" in readme
+
+
 def pipeline_rows(records: Path, kd_label) -> list[str]:
     """The README rows of a pipeline table (held-out MLM; topics fine-tuned and task-distilled, each with its
     student / teacher ratio) recomputed from a pipeline's records: distill/heldout.json, topics-*/results.json."""
