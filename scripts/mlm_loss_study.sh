@@ -9,8 +9,10 @@
 # ADAPT), ~12 min per run on one core; JOBS runs at a time, the cores split between them.
 #   bash scripts/mlm_loss_study.sh            (PYTHON=python to use an existing environment, e.g. a GPU's)
 #   JOBS=2 WEIGHTS="2 0.5 0" SMOOTHINGS=0.7 bash scripts/mlm_loss_study.sh
-# Then, per smoothing, the report's table (each weight against the run without L_mlm, paired) in
-# runs/mlm-study/report-smoothing<S>/, and the loss shares at the last step.
+#   SEEDS="56 57 58" WEIGHTS="0 2" bash scripts/mlm_loss_study.sh   every run once per seed (train.seed)
+# Then, per smoothing, the report's table (each weight against the run without L_mlm, paired token by token for
+# one seed, by seed for several: mean and interval across seeds) in runs/mlm-study/report-smoothing<S>/, and the
+# loss shares at the last step of every run. Resumable: finished runs are kept and skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/python.sh
@@ -18,6 +20,7 @@ STEPS=${STEPS:-100}
 ADAPT=${ADAPT:-300}
 WEIGHTS=${WEIGHTS:-"0 0.1 0.5 2"}
 SMOOTHINGS=${SMOOTHINGS:-"0.7 0.0"}
+SEEDS=${SEEDS:-56}
 JOBS=${JOBS:-1}
 RUNS=${RUNS:-runs/mlm-study}
 threads=$(( $(nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
@@ -27,21 +30,27 @@ mkdir -p "$RUNS"
 # the teacher first, once (cached afterwards), so parallel runs do not wait on one another's adaptation
 $PYTHON distill/run.py recipes/ablation/triple.yaml --adapt-only "teacher.adapt.steps=$ADAPT"
 pids=()
-for smoothing in $SMOOTHINGS; do
-  for weight in $WEIGHTS; do
-    out="$RUNS/alpha-mlm$weight-smoothing$smoothing"
-    [ -d "$out/student" ] && continue
-    OMP_NUM_THREADS=$threads $PYTHON distill/run.py recipes/ablation/triple.yaml "output_dir=$out" \
-        "masking.smoothing=$smoothing" "loss.alpha_mlm=$weight" "${common[@]}" > "$out.log" 2>&1 &
-    pids+=("$!")
-    echo "started $out (log $out.log)"
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+for seed in $SEEDS; do
+  for smoothing in $SMOOTHINGS; do
+    for weight in $WEIGHTS; do
+      out="$RUNS/alpha-mlm$weight-smoothing$smoothing-seed$seed"
+      [ -d "$out/student" ] && continue
+      OMP_NUM_THREADS=$threads $PYTHON distill/run.py recipes/ablation/triple.yaml "output_dir=$out" \
+          "masking.smoothing=$smoothing" "loss.alpha_mlm=$weight" "train.seed=$seed" "${common[@]}" > "$out.log" 2>&1 &
+      pids+=("$!")
+      echo "started $out (log $out.log)"
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+    done
   done
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 for smoothing in $SMOOTHINGS; do
   specs=()
-  for weight in $WEIGHTS; do specs+=(--ablation "alpha-mlm-$weight=$RUNS/alpha-mlm$weight-smoothing$smoothing"); done
+  for weight in $WEIGHTS; do
+    seeds=()
+    for seed in $SEEDS; do seeds+=("$RUNS/alpha-mlm$weight-smoothing$smoothing-seed$seed"); done
+    specs+=(--ablation "alpha-mlm-$weight=$(IFS=+; echo "${seeds[*]}")")
+  done
   $PYTHON -m distill.downstream.report "${specs[@]}" --output "$RUNS/report-smoothing$smoothing"
 done
 RUNS=$RUNS $PYTHON - <<'PY'

@@ -74,21 +74,26 @@ def test_ablation_without_fine_tunes_and_with_the_recipes_epochs(tmp_path):
 
 def test_mlm_loss_study_adapts_once_then_runs_the_grid_in_parallel_and_reports_each_masking(tmp_path):
     runs = tmp_path / "runs"
-    env = {"WEIGHTS": "0 2", "SMOOTHINGS": "0.7 0.0", "JOBS": "2", "RUNS": str(runs), "STEPS": "7", "ADAPT": "9"}
+    env = {"WEIGHTS": "0 2", "SMOOTHINGS": "0.7 0.0", "SEEDS": "56 57", "JOBS": "2", "RUNS": str(runs),
+           "STEPS": "7", "ADAPT": "9"}
     commands = script(tmp_path, "mlm_loss_study.sh", **env)
     assert commands[0] == "distill/run.py recipes/ablation/triple.yaml --adapt-only teacher.adapt.steps=9"
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     common = ("teacher.adapt.steps=9 train.max_steps=7 train.eval_every=7 train.save_every=7 "
               "train.eval_mask_draws=8 tracking.tags=[mlm-study]")
-    grid = [(s, w) for s in ("0.7", "0.0") for w in ("0", "2")]
+    grid = [(s, w, seed) for seed in (56, 57) for s in ("0.7", "0.0") for w in ("0", "2")]
     # two at a time, so the order within a pair is not fixed
-    assert sorted(commands[1:5]) == sorted(
-        f"threads={threads} distill/run.py recipes/ablation/triple.yaml output_dir={runs}/alpha-mlm{w}-smoothing{s} "
-        f"masking.smoothing={s} loss.alpha_mlm={w} {common}" for s, w in grid)
-    assert commands[5:] == [
-        f"-m distill.downstream.report --ablation alpha-mlm-0={runs}/alpha-mlm0-smoothing{s} "
-        f"--ablation alpha-mlm-2={runs}/alpha-mlm2-smoothing{s} --output {runs}/report-smoothing{s}"
+    assert sorted(commands[1:9]) == sorted(
+        f"threads={threads} distill/run.py recipes/ablation/triple.yaml "
+        f"output_dir={runs}/alpha-mlm{w}-smoothing{s}-seed{seed} masking.smoothing={s} loss.alpha_mlm={w} "
+        f"train.seed={seed} {common}" for s, w, seed in grid)
+    # each weight's runs of all seeds form one report row, against the runs without L_mlm
+    assert commands[9:] == [
+        f"-m distill.downstream.report "
+        f"--ablation alpha-mlm-0={runs}/alpha-mlm0-smoothing{s}-seed56+{runs}/alpha-mlm0-smoothing{s}-seed57 "
+        f"--ablation alpha-mlm-2={runs}/alpha-mlm2-smoothing{s}-seed56+{runs}/alpha-mlm2-smoothing{s}-seed57 "
+        f"--output {runs}/report-smoothing{s}"
         for s in ("0.7", "0.0")] + ["-"]
     # finished runs are skipped: a second call adapts (a cache hit) and reports only
     again = script(tmp_path, "mlm_loss_study.sh", **env)
-    assert again == [commands[0]] + commands[5:]
+    assert again == [commands[0]] + commands[9:]

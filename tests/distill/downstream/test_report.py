@@ -289,7 +289,7 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
 
     shares = {}
     for masks, (smoothing, weights) in MLM_STUDY.items():
-        runs = {w: records / f"alpha-mlm{w}-smoothing{smoothing}" for w in weights}
+        runs = {w: records / f"alpha-mlm{w}-smoothing{smoothing}-seed56" for w in weights}
         table = rows(masks, [f"{label(masks, w)}={run}" for w, run in runs.items()])
         assert [r.split(" | ")[0] for r in table] == [f"| {label(masks, w)}" for w in weights]
         assert all(r in lines for r in table), masks
@@ -310,8 +310,8 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
             f"{shares['smoothed', '2'][1]:.2f} nats) and {pct(shares['uniform', '2'][0])} %") in readme
     assert f"with uniform ones ({shares['uniform', '2'][1]:.2f} nats)" in readme
     # the masks without L_mlm: uniform against smoothed, paired on the same tokens
-    (without,) = rows("masks", [f"smoothed={records / 'alpha-mlm0-smoothing0.7'}",
-                                f"uniform={records / 'alpha-mlm0-smoothing0.0'}"])[1:]
+    (without,) = rows("masks", [f"smoothed={records / 'alpha-mlm0-smoothing0.7-seed56'}",
+                                f"uniform={records / 'alpha-mlm0-smoothing0.0-seed56'}"])[1:]
     assert f"at α_mlm 0, is {without.split(' | ')[3]}" in " ".join(lines)
     # every run scored the same tokens with the same teacher (its 33.5 % quoted)
     held = [json.loads((d / "heldout.json").read_text()) for d in records.iterdir() if d.is_dir()]
