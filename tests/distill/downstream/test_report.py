@@ -289,6 +289,11 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
         report.main([a for spec in specs for a in ("--ablation", spec)] + ["--output", str(tmp_path / out)])
         return [x for x in (tmp_path / out / "report.md").read_text().splitlines() if x.startswith("| ")][2:]
 
+    def last_losses(run):  # the losses logged at the last step, 100
+        last = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss/total" in r][-1]
+        assert last["step"] == 100
+        return last
+
     shares = {}
     for masks, (smoothing, weights) in MLM_STUDY.items():
         runs = {w: records / f"alpha-mlm{w}-smoothing{smoothing}-seed56" for w in weights}
@@ -299,10 +304,9 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
         for w, run in runs.items():
             recipe = read_saved_recipe(run)
             assert recipe["masking"]["smoothing"] == float(smoothing) and recipe["loss"]["alpha_mlm"] == float(w)
-            last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            last = [r for r in last if "loss/total" in r][-1]
-            assert last["step"] == 100
+            last = last_losses(run)
             shares[masks, w] = (recipe["loss"]["alpha_mlm"] * last["loss/mlm"] / last["loss/total"], last["loss/mlm"])
+
     def pct(x):
         return f"{100 * x:.0f}"
 
@@ -338,10 +342,7 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
     share = {}
     for masks, (smoothing, _) in MLM_STUDY.items():
         for seed in seeds[1:]:
-            last = [json.loads(x) for x in (records / f"alpha-mlm2-smoothing{smoothing}-seed{seed}" / "metrics.jsonl")
-                    .read_text().splitlines()]
-            last = [r for r in last if "loss/total" in r][-1]
-            assert last["step"] == 100
+            last = last_losses(records / f"alpha-mlm2-smoothing{smoothing}-seed{seed}")
             share[masks, seed] = (pct(2.0 * last["loss/mlm"] / last["loss/total"]), f"{last['loss/mlm']:.2f}")
     smoothed_pct = {share["smoothed", seed][0] for seed in seeds[1:]}
     assert len(smoothed_pct) == 1  # the README quotes one share for both seeds
