@@ -294,6 +294,10 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
         assert last["step"] == 100
         return last
 
+    def loss_share(run):  # at step 100: (α_mlm · L_mlm / total, L_mlm), α_mlm from the run's recipe
+        last = last_losses(run)
+        return read_saved_recipe(run)["loss"]["alpha_mlm"] * last["loss/mlm"] / last["loss/total"], last["loss/mlm"]
+
     shares = {}
     for masks, (smoothing, weights) in MLM_STUDY.items():
         runs = {w: records / f"alpha-mlm{w}-smoothing{smoothing}-seed56" for w in weights}
@@ -304,8 +308,7 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
         for w, run in runs.items():
             recipe = read_saved_recipe(run)
             assert recipe["masking"]["smoothing"] == float(smoothing) and recipe["loss"]["alpha_mlm"] == float(w)
-            last = last_losses(run)
-            shares[masks, w] = (recipe["loss"]["alpha_mlm"] * last["loss/mlm"] / last["loss/total"], last["loss/mlm"])
+            shares[masks, w] = loss_share(run)
 
     def pct(x):
         return f"{100 * x:.0f}"
@@ -344,8 +347,8 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
     share = {}
     for masks, (smoothing, _) in MLM_STUDY.items():
         for seed in seeds[1:]:
-            last = last_losses(records / f"alpha-mlm2-smoothing{smoothing}-seed{seed}")
-            share[masks, seed] = (pct(2.0 * last["loss/mlm"] / last["loss/total"]), f"{last['loss/mlm']:.2f}")
+            fraction, mlm = loss_share(records / f"alpha-mlm2-smoothing{smoothing}-seed{seed}")
+            share[masks, seed] = (pct(fraction), f"{mlm:.2f}")
     smoothed_pct = {share["smoothed", seed][0] for seed in seeds[1:]}
     assert len(smoothed_pct) == 1  # the README quotes one share for both seeds
     assert (f"{smoothed_pct.pop()} % of the loss with smoothed masks (L_mlm "
@@ -353,12 +356,12 @@ def test_the_readme_mlm_loss_study_is_what_its_committed_records_give(tmp_path):
             f"{share['uniform', 57][0]} / {share['uniform', 58][0]} % with uniform ones "
             f"({share['uniform', 57][1]} / {share['uniform', 58][1]} nats)") in " ".join(lines)
     # and at the smoothed weights 0.1 / 0.5 (one share per weight for both seeds)
-    low = {w: [last_losses(records / f"alpha-mlm{w}-smoothing0.7-seed{seed}") for seed in seeds[1:]]
+    low = {w: [loss_share(records / f"alpha-mlm{w}-smoothing0.7-seed{seed}") for seed in seeds[1:]]
            for w in ("0.1", "0.5")}
-    low_pct = {w: {pct(float(w) * last["loss/mlm"] / last["loss/total"]) for last in lasts} for w, lasts in low.items()}
+    low_pct = {w: {pct(fraction) for fraction, _ in seed_shares} for w, seed_shares in low.items()}
     assert all(len(p) == 1 for p in low_pct.values())
     assert (f"at the smoothed weights 0.1 / 0.5 it was {low_pct['0.1'].pop()} / {low_pct['0.5'].pop()} % (L_mlm "
-            + " and ".join(" / ".join(f"{last['loss/mlm']:.2f}" for last in low[w]) for w in ("0.1", "0.5"))
+            + " and ".join(" / ".join(f"{mlm:.2f}" for _, mlm in low[w]) for w in ("0.1", "0.5"))
             + " nats)") in " ".join(lines)
     # every run scored the same tokens with the same teacher (its 33.5 % quoted)
     held = [json.loads((d / "heldout.json").read_text()) for d in records.iterdir() if d.is_dir()]
