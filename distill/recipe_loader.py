@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -67,14 +68,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise RecipeError(f"{key} must be true or false, got {value!r}")
         return value
     if tp is float:
+        number = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise RecipeError(f"{key} must be a number, got {value!r}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
+            raise RecipeError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number):  # .inf / .nan pass every "> 0" check below and poison the run
+            raise RecipeError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

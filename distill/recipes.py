@@ -42,6 +42,8 @@ class AdaptConfig:
         require(self.save_every > 0, "teacher.adapt.save_every", "must be > 0")
         require(self.batch_size > 0, "teacher.adapt.batch_size", "must be > 0")
         require(self.lr > 0 and self.head_lr > 0, "teacher.adapt.lr", "learning rates must be > 0")
+        require(self.weight_decay >= 0, "teacher.adapt.weight_decay", "must be >= 0")
+        require_seed(self.seed, "teacher.adapt.seed")
 
 
 @dataclass(kw_only=True)
@@ -211,6 +213,10 @@ class TrainConfig:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
         require(self.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0")
+        require(self.eps > 0, "train.eps", "must be > 0")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require_seed(self.seed, "train.seed")
+        require_seed(self.eval_seed, "train.eval_seed")
         require(0 <= self.warmup_fraction < 1, "train.warmup_fraction", "must be in [0, 1)")
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops", "must be > 0")
@@ -327,6 +333,8 @@ class FinetuneTrainConfig:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(self.patience >= 1, "train.patience", "must be >= 1")
         require(self.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require_seed(self.seed, "train.seed")
 
 
 @dataclass(kw_only=True)
@@ -364,6 +372,12 @@ class FinetuneRecipe(_RecipeBase):
 def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise RecipeError(f"{key} {message}")
+
+
+def require_seed(seed: int, key: str) -> None:
+    # what every generator seeded from it accepts (NumPy's legacy seeding, which accelerate.set_seed calls,
+    # refuses negatives and anything from 2**32 on)
+    require(0 <= seed < 2**32, key, f"must be in [0, 2**32), got {seed}")
 
 
 RECIPE_KINDS: dict[str, type] = {"distill": Recipe, "finetune": FinetuneRecipe}
