@@ -83,10 +83,26 @@ class FinetuneResult:
         return self.results["test"]
 
 
+def read_results(run: Path) -> dict[str, Any]:
+    """A finished fine-tune's results.json, refused in one line when it is missing, damaged or has no test
+    accuracy."""
+    path = run / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {run} has no results.json: give the directory of a finished fine-tune")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        accuracy = results["test"]["accuracy"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"error: {path} is damaged ({type(e).__name__}: {e}); rerun the fine-tune") from None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
+        raise SystemExit(f"error: {path} has test accuracy {accuracy!r}, not a number in [0, 1]; rerun the fine-tune")
+    return results
+
+
 def load_finetune(run: Path) -> FinetuneResult:
     from distill.downstream.finetune import load_classifier
 
-    results = json.loads((run / "results.json").read_text())
+    results = read_results(run)
     best = run / "best" if (run / "best").is_dir() else run  # (runs of earlier versions kept best/)
     return FinetuneResult(results, load_classifier(str(best), results["label_names"]).eval())
 
@@ -110,6 +126,12 @@ def parse_ablation(spec: str) -> Variant:
     if not name or not variant.distill_runs or len(variant.finetune_runs) not in (0, len(variant.distill_runs)):
         raise SystemExit(f"error: --ablation {spec!r}: give NAME=D1[+D2...][,F1[+F2...]] with one fine-tune per "
                          "distillation run, or none")
+    for run in variant.distill_runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise SystemExit(f"error: --ablation {name}: {run} has no metrics.jsonl: give a distillation run directory")
+    for run in variant.finetune_runs:
+        if not (run / "results.json").is_file():
+            raise SystemExit(f"error: --ablation {name}: {run} has no results.json: give a finished fine-tune")
     return variant
 
 
@@ -149,7 +171,18 @@ class VariantMetrics:
 def last_heldout(run: Path) -> HeldOut:
     """The last evaluation in metrics.jsonl, with heldout.json's per-token results when that file belongs to
     it (same step, same accuracy)."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {run} has no metrics.jsonl: give a distillation run directory")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except ValueError:
+            raise SystemExit(f"error: {path} line {number} is not JSON; repair or remove that line") from None
+        if not isinstance(row, dict):
+            raise SystemExit(f"error: {path} line {number} is not a JSON object; repair or remove that line")
+        rows.append(row)
     evals = [r for r in rows if "eval/student_mlm_accuracy" in r]
     if not evals:
         raise SystemExit(f"error: {run}/metrics.jsonl has no evaluation")
@@ -187,7 +220,7 @@ def variant_metrics(variant: Variant) -> VariantMetrics:
     interval over the masked tokens (MLM) and a bootstrap over the test examples (topics). A fine-tune
     belongs to the distillation run at its position (one pair per seed)."""
     mlm = [last_heldout(r) for r in variant.distill_runs]
-    results = [json.loads((r / "results.json").read_text()) for r in variant.finetune_runs]
+    results = [read_results(r) for r in variant.finetune_runs]
     topic = [r["test"]["accuracy"] for r in results]
     seeds = [train_seed(r) for r in variant.distill_runs]
     seeds = None if None in seeds else seeds

@@ -130,6 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     for path in (args.teacher, args.student):
         if path is not None and not path.is_dir():
             raise SystemExit(f"error: {path} is not a model directory")
+    for flag, path in (("--distill-run", args.distill_run), ("--teacher-finetune", args.teacher_finetune),
+                       ("--student-finetune", args.student_finetune)):
+        if path is not None and not path.is_dir():
+            raise SystemExit(f"error: {flag} {path} is not a directory")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be >= 1, got {args.repeats}")
+    if args.output.exists() and not args.output.is_dir():
+        raise SystemExit(f"error: --output {args.output} is a file; give a directory")
     variants = [measure.parse_ablation(spec) for spec in args.ablation]  # (refused before any work)
     args.output.mkdir(parents=True, exist_ok=True)
 

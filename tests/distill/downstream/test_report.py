@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,64 @@ def test_single_run_mlm_differences_are_paired_on_the_same_tokens(tmp_path):
         row(base, f"stale={stale}")
     with pytest.raises(SystemExit, match="one fine-tune per distillation run, or none"):
         measure.parse_ablation(f"x={tmp_path / 'base'}+{tmp_path / 'better'},{tmp_path / 'base-ft'}")
+
+
+REPORT_BAD_INPUTS = {  # id: (what to break, the one line expected)
+    "distill-run-not-a-run": ("no-metrics", r"--ablation x: .*empty has no metrics.jsonl: give a distillation run"),
+    "finetune-not-finished": ("no-results", r"--ablation x: .*empty has no results.json: give a finished fine-tune"),
+    "metrics-line-not-json": ("metrics-garbage", r"metrics.jsonl line 2 is not JSON; repair or remove that line"),
+    "metrics-line-not-object": ("metrics-list", r"metrics.jsonl line 1 is not a JSON object"),
+    "results-not-json": ("results-garbage", r"results.json is damaged \(JSONDecodeError"),
+    "results-no-accuracy": ("results-no-test", r"results.json is damaged \(KeyError: 'test'\); rerun the fine-tune"),
+    "results-accuracy-percent": ("results-percent", r"results.json has test accuracy 93.2, not a number in \[0, 1\]"),
+    "repeats-zero": ("repeats", r"--repeats must be >= 1, got 0"),
+    "output-is-a-file": ("output-file", r"--output .*report-file is a file; give a directory"),
+    "distill-run-missing": ("distill-run", r"--distill-run .*no-such-run is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_BAD_INPUTS), ids=list(REPORT_BAD_INPUTS))
+def test_report_bad_inputs_are_one_line_and_change_nothing(case, tmp_path):
+    kind, expected = REPORT_BAD_INPUTS[case]
+    d, f, empty = tmp_path / "d", tmp_path / "f", tmp_path / "empty"
+    for x in (d, f, empty):
+        x.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/student_mlm_accuracy": 0.3,
+                                                 "eval/student_tokens": 100}) + "\n")
+    (f / "results.json").write_text(json.dumps({"test": {"accuracy": 0.932}}))
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report\n")
+    args = ["--ablation", f"x={d},{f}", "--output", str(out)]
+    if kind == "no-metrics":
+        args[1] = f"x={empty}"
+    elif kind == "no-results":
+        args[1] = f"x={d},{empty}"
+    elif kind == "metrics-garbage":
+        with (d / "metrics.jsonl").open("a") as fh:
+            fh.write('{"step": 20, "eval/stu\n')
+    elif kind == "metrics-list":
+        (d / "metrics.jsonl").write_text("[1, 2]\n")
+    elif kind == "results-garbage":
+        (f / "results.json").write_text("{")
+    elif kind == "results-no-test":
+        (f / "results.json").write_text(json.dumps({"best_step": 3}))
+    elif kind == "results-percent":
+        (f / "results.json").write_text(json.dumps({"test": {"accuracy": 93.2}}))
+    elif kind == "repeats":
+        args += ["--repeats", "0"]
+    elif kind == "output-file":
+        (tmp_path / "report-file").write_text("not a directory\n")
+        args[-1] = str(tmp_path / "report-file")
+    elif kind == "distill-run":
+        args = ["--teacher", str(empty), "--student", str(empty), "--distill-run", str(tmp_path / "no-such-run"),
+                "--output", str(out)]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        report.main(args)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message and re.search(expected, message), message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its name, the records of its seeds, and
