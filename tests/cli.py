@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,5 +46,15 @@ def launch(*args: str | Path, cpu: bool = True, **kwargs) -> subprocess.Complete
 def popen(*args: str | Path, pipe: bool = True, **extra_env: str) -> subprocess.Popen:
     """`python ARGS` started in the background from the repository root (text pipes, or none)."""
     out = subprocess.PIPE if pipe else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(**extra_env), stdout=out,
-                            stderr=out, text=True)
+    # An ignored SIGINT is inherited through exec (pytest started as a shell's background job, or under
+    # nohup), and Python then installs no KeyboardInterrupt handler: the child starts with the default
+    # disposition, as at a terminal, so the Ctrl-C tests test the kit and not how pytest was started.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(**extra_env), stdout=out,
+                                stderr=out, text=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
