@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.flops import peak_tflops  # noqa: E402
-from distill.mechanics import OptimizerStep, adamw, parameter_groups  # noqa: E402
+from distill.mechanics import OptimizerStep, adamw, parameter_groups, peak_rss_mb  # noqa: E402
 from distill.recipes import LossConfig  # noqa: E402
 from distill.step import DistillationModel, DistillationStep, compile_blocks, layer_pairs  # noqa: E402
 
@@ -262,7 +261,7 @@ def timed(one, data: list, warmup: int, device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
-        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out["_seconds"] = sum(times)
     return out
 

@@ -75,6 +75,25 @@ def share_cpu_cores(accelerator) -> None:
         torch.set_num_threads(max(1, available_cores() // accelerator.num_processes))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: Linux's VmHWM, the high-water mark of this program's own
+    address space. `getrusage(RUSAGE_SELF).ru_maxrss` is not that: exec keeps the replaced address space's
+    peak, and a child spawned with vfork (Python's subprocess) replaces its parent's, so a small benchmark or
+    test process started from a 1.5 GB pytest reports 1.5 GB. ru_maxrss only where there is no /proc (macOS,
+    where it counts bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 # ------------------------------------------------------------------------------------------ optimizer
 def parameter_groups(model: nn.Module, weight_decay: float, head: str | None = None,
                      head_lr: float | None = None) -> list[dict]:
