@@ -1,8 +1,8 @@
 """Training mechanics shared by every job that trains or times a model: distillation (distill.train),
 teacher adaptation (distill.adapt), fine-tuning (distill.downstream.finetune), the flat API's AMPTrainer
 and the benchmarks. One of each: the precision table, the Accelerator set-up, parameter groups and AdamW,
-the optimizer step (clip -> step -> schedule -> zero), the finiteness check, the atomic directory write
-and the latency timer.
+the optimizer step (clip -> step -> schedule -> zero), the finiteness check, the atomic directory write,
+the latency timer and the process's peak memory.
 """
 
 from __future__ import annotations
