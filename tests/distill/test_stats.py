@@ -1,15 +1,12 @@
 """The CI arithmetic against known cases (t tables, textbook Welch example, binomial standard errors)."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from distill import stats
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cli import python
 
 
 @pytest.mark.parametrize("df,q", [(1, 12.7062047), (4, 2.7764451), (9, 2.2621572), (30, 2.0422725),
@@ -158,8 +155,7 @@ def test_a_bootstrap_over_a_large_test_set_stays_in_bounded_memory():
             "ci = stats.bootstrap_ci(x, n_boot=1000); r = stats.paired_bootstrap_ratio(x, x, n_boot=1000)\n"
             "assert ci.low < ci.estimate < ci.high and r.half_width == 0\n"
             "print(before, peak_rss_mb())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    before, peak = map(float, out.stdout.split()[-2:])
+    before, peak = map(float, python("-c", code).stdout.split()[-2:])
     assert peak - before < 400 and peak < 1200, f"peak RSS {before:.0f} -> {peak:.0f} MB"
 
 
@@ -169,8 +165,8 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     ballast = b"\x01" * 2**30  # every byte written: 1 GiB resident
     code = ("import resource; from distill.mechanics import peak_rss_mb\n"
             "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = python("-c", code).stdout
     del ballast
-    own, inherited = map(float, out.stdout.split())
+    own, inherited = map(float, out.split())
     assert inherited > 1000  # what the bootstrap test measured before, and failed on in CI
     assert own < 600, own  # torch and the kit's imports: ~250 MB
