@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 ADAPT_VERSION = "1"
 NOT_IN_KEY = ("save_every",)  # settings that do not change the adapted weights
+LOCK_POLL_S = 10.0  # how often a run waiting for another's adaptation of the same teacher looks again
 # Settings added after version 1: in the key only when changed from their defaults, so the adaptations
 # cached before they existed (which used those defaults) stay valid.
 KEY_WHEN_CHANGED = ("betas", "eps", "clip_grad_norm")
@@ -88,7 +89,14 @@ def adapt_teacher(name_or_path: str, tokenizer: PreTrainedTokenizerBase, corpus:
         return out
     partial = out.with_name(out.name + ".partial")
     lock = rundir.RunLock(partial)
-    lock.acquire()  # one adaptation of this teacher at a time; a dead one's lock is taken over
+    # One adaptation of this teacher at a time: a run started beside one that is adapting it (two ablations
+    # in parallel) waits for it and then reuses its result; a dead one's lock is taken over and resumed.
+    lock.acquire(wait_s=LOCK_POLL_S)
+    if (out / "adapt_report.json").exists():  # finished by the adaptation just waited for
+        lock.release()
+        shutil.rmtree(partial, ignore_errors=True)  # what is left of it (the lock's directory) is not needed
+        logger.info("reusing adapted teacher %s", out)
+        return out
     stop = rundir.StopRequest()
     # The caller's generators are left as they were: a run that adapts and one that reuses the cached
     # adaptation go on identically.

@@ -28,35 +28,70 @@ class RunDirError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ the lock
-def _start_time(pid: int) -> str | None:
-    """A process's start time in clock ticks (Linux), which tells a live owner from a reused pid."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux): [0] the state, [19] the start time."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks (Linux), which tells a live owner from a reused pid."""
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int, start: str | None) -> bool:
+    """Whether the lock's owner still runs: its pid exists, is not a zombie (ended, not yet reaped by its
+    parent) and, where the lock recorded one, has the same start time (not a reused pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return start is None or _start_time(pid) in (None, start)
+    fields = _stat(pid)
+    if fields is None:
+        return start is None  # no /proc (not Linux): the pid exists, and nothing more can be told
+    return fields[0] not in ("Z", "X") and (start is None or fields[19] == start)
+
+
+class _LiveOwner(Exception):
+    """RunLock._acquire: a live process on this host holds the lock; `in_use` names the directory and owner."""
+
+    def __init__(self, run_dir: Path, owner: dict[str, Any]):
+        super().__init__(run_dir)
+        self.in_use = f"{run_dir} is in use by another run (pid {owner.get('pid')}, since {owner.get('since')})"
 
 
 class RunLock:
     """`run_dir/.lock`: JSON with the owner's pid, host and start time, created atomically (write a
     temporary file, hard-link it into place: the link fails if a lock exists). A lock whose owner is dead
-    (same host, pid gone or reused) is taken over with one warning line; a live owner's is refused."""
+    (same host, pid gone or reused) is taken over with one warning line; a live owner's is refused, or, with
+    `acquire(wait_s=...)`, waited for (on this host only: elsewhere its liveness cannot be checked)."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
         self.held = False
 
-    def acquire(self) -> None:
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lock. A live owner on this host is refused with RunDirError, or with `wait_s` > 0 polled
+        every `wait_s` seconds until it releases the lock or dies (one log line when the wait begins)."""
+        waiting = False
+        while True:
+            try:
+                return self._acquire()
+            except _LiveOwner as busy:
+                if wait_s <= 0:
+                    raise RunDirError(f"{busy.in_use}; wait for it to end, or use another output_dir") from None
+                if not waiting:
+                    logger.info("%s; waiting for it to end", busy.in_use)
+                    waiting = True
+                time.sleep(wait_s)
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -78,8 +113,7 @@ class RunLock:
                                       f"{owner.get('pid')}, since {owner.get('since')}); if that run is over, "
                                       f"delete {self.path}")
                 if _alive(int(owner.get("pid", -1)), owner.get("start")):
-                    raise RunDirError(f"{self.path.parent} is in use by another run (pid {owner.get('pid')}, since "
-                                      f"{owner.get('since')}); wait for it to end, or use another output_dir")
+                    raise _LiveOwner(self.path.parent, owner)
                 logger.warning("taking over the lock of a run that ended without releasing it (pid %s)",
                                owner.get("pid"))
                 self.path.unlink(missing_ok=True)

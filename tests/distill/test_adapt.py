@@ -97,6 +97,44 @@ def test_an_interrupted_adaptation_resumes_to_the_same_teacher(tokenizer, small_
     assert ra["before"] == rb["before"] and ra["after"] == rb["after"]
 
 
+def test_a_run_beside_an_adaptation_in_progress_waits_for_it_and_reuses_its_teacher(
+        tokenizer, small_corpus, tiny_teacher_dir, tmp_path, monkeypatch, caplog):
+    """Two ablations started together: the second finds the first adapting the same teacher (its lock held by a
+    live process) and neither fails nor adapts a second time; it takes the first's result once it is there."""
+    import logging
+    import socket
+
+    from distill import rundir
+    from tests.cli import popen
+
+    cfg, corpus = small_corpus
+    adapt = AdaptConfig(steps=2, batch_size=4, eval_batches=1)
+    ident = corpus_identity(cfg, tokenizer)
+    done = adapt_teacher(str(tiny_teacher_dir), tokenizer, corpus, ident, adapt, MaskingConfig(), root=tmp_path)
+    # Back to the moment the first run was still adapting: no result yet, its lock in the partial directory,
+    # held by a live process that (as the adaptation does) writes the result, then releases the lock.
+    aside = done.with_name("finished")
+    done.rename(aside)
+    partial = done.with_name(done.name + ".partial")
+    partial.mkdir()
+    first = popen("-c", f"import os, time; time.sleep(1.5); os.rename({str(aside)!r}, {str(done)!r}); "
+                  f"os.unlink({str(partial / '.lock')!r})", pipe=False)
+    (partial / ".lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname(),
+                                               "start": rundir._start_time(first.pid), "since": "now"}))
+    monkeypatch.setattr(adapt_mod, "LOCK_POLL_S", 0.1)
+    monkeypatch.setattr(adapt_mod, "load_bert_mlm", lambda *a, **k: pytest.fail("adapted a second time"))
+    try:
+        with caplog.at_level(logging.INFO, logger="distill.rundir"):
+            assert adapt_teacher(str(tiny_teacher_dir), tokenizer, corpus, ident, adapt, MaskingConfig(),
+                                 root=tmp_path) == done
+    finally:
+        first.wait()
+    assert first.returncode == 0 and (done / "adapt_report.json").exists()
+    waits = [r.getMessage() for r in caplog.records if "waiting for it to end" in r.getMessage()]
+    assert len(waits) == 1 and f"pid {first.pid}" in waits[0]  # one line, however long the wait
+    assert not partial.exists()
+
+
 def test_cached_adaptations_keep_their_keys_and_new_settings_enter_only_when_changed(tmp_path):
     import dataclasses
     import hashlib

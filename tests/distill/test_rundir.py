@@ -108,6 +108,36 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
         rundir.RunLock(tmp_path).acquire()
 
 
+def test_lock_waits_for_a_live_owner_when_asked_and_is_then_taken(tmp_path):
+    owner = popen("-c", "import time; time.sleep(1)", pipe=False)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(),
+                                                "start": rundir._start_time(owner.pid), "since": "now"}))
+    with pytest.raises(rundir.RunDirError, match=f"in use by another run \\(pid {owner.pid}"):
+        rundir.RunLock(tmp_path).acquire()  # no wait asked for: refused at once
+    lock = rundir.RunLock(tmp_path)
+    lock.acquire(wait_s=0.05)  # returns once the owner has ended (its lock is then a dead one's)
+    assert owner.poll() is not None
+    assert lock.held and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(rundir.RunDirError, match="locked by a run on host elsewhere"):
+        rundir.RunLock(tmp_path).acquire(wait_s=0.05)  # another host's liveness is unknown: never waited for
+
+
+def test_a_zombie_owner_counts_as_ended_and_a_running_one_as_alive():
+    running = popen("-c", "import time; time.sleep(30)", pipe=False)
+    ended = popen("-c", "pass", pipe=False)  # not reaped: a zombie until ended.wait() below
+    try:
+        assert wait_for(lambda: (rundir._stat(ended.pid) or ["?"])[0] == "Z", timeout=30)
+        assert not rundir._alive(ended.pid, rundir._start_time(ended.pid))
+        assert rundir._alive(running.pid, rundir._start_time(running.pid))
+        assert not rundir._alive(running.pid, "1")  # a reused pid: another start time
+    finally:
+        running.kill()
+        running.wait()
+        ended.wait()
+
+
 def wait_for(predicate, timeout=120.0):
     end = time.time() + timeout
     while time.time() < end:
