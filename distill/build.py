@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 # Keys that may change between a run and its resumption (they do not change the computation).
 RESUMABLE_CHANGES = ("train.max_steps", "teacher.adapt.save_every",
                      "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "train.num_workers", "train.eval_batches", "train.eval_mask_draws",
+                     "train.keep_checkpoints", "train.num_workers", "train.cpu_threads",
+                     "train.eval_batches", "train.eval_mask_draws",
                      "tracking.",
                      "train.compile", "train.loss_kernel", "train.peak_tflops",
                      "train.compile_loss",  # (recorded by runs of earlier versions)

@@ -47,7 +47,7 @@ def make_accelerator(section, **kwargs):
         raise RecipeError(f"mixed precision {used!r} from Accelerate is not supported; use no, bf16 or fp16")
     section.mixed_precision = used
     check_precision(used, accelerator.device)
-    share_cpu_cores(accelerator)
+    share_cpu_cores(accelerator, getattr(section, "cpu_threads", None))
     return accelerator
 
 
@@ -69,10 +69,40 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def share_cpu_cores(accelerator) -> None:
-    """`accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores it may use."""
-    if accelerator.device.type == "cpu":
-        torch.set_num_threads(max(1, available_cores() // accelerator.num_processes))
+def cpu_threads(processes: int, requested: int | None = None) -> tuple[int, str]:
+    """The threads each of this machine's `processes` runs on CPU, and where the number comes from:
+    1. the recipe's `train.cpu_threads`;
+    2. else OMP_NUM_THREADS, where it is set and the process was not started by `accelerate launch` (one job
+       per core: `OMP_NUM_THREADS=1 python distill/run.py ...` beside another). Accelerate's launcher always
+       sets OMP_NUM_THREADS, to 1 unless told otherwise, so under it the variable cannot say what was asked;
+    3. else the cores this process may use (`available_cores`), shared by the processes."""
+    if requested is not None:
+        return requested, "train.cpu_threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp and "ACCELERATE_MIXED_PRECISION" not in os.environ:  # (set by every accelerate launcher)
+        if not omp.isdigit() or int(omp) == 0:
+            raise RecipeError(f"OMP_NUM_THREADS={omp!r} is not a positive number of threads; set it to one "
+                              "(e.g. OMP_NUM_THREADS=1) or unset it")
+        return int(omp), "OMP_NUM_THREADS"
+    cores = available_cores()
+    return max(1, cores // processes), f"{cores} cores this process may use / {processes} processes"
+
+
+def share_cpu_cores(accelerator, requested: int | None = None) -> int:
+    """On CPU, set this process's torch threads (`cpu_threads`) with one log line, and warn when this machine's
+    processes would run more threads than the cores they may use (oversubscribed OpenMP threads spin on one
+    another: two 2-thread jobs on 2 cores measured 4x slower per step than each alone). Returns the threads."""
+    if accelerator.device.type != "cpu":
+        return torch.get_num_threads()
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # this machine's (torchrun)
+    threads, source = cpu_threads(processes, requested)
+    torch.set_num_threads(threads)
+    logger.info("CPU: %d thread%s per process (%s)", threads, "s" * (threads != 1), source)
+    cores = available_cores()
+    if threads * processes > cores:
+        logger.warning("%d processes x %d threads (%s) exceed the %d cores this process may use: steps will be "
+                       "slower than with fewer threads", processes, threads, source, cores)
+    return threads
 
 
 def peak_rss_mb() -> float:

@@ -187,6 +187,9 @@ class TrainConfig:
     # ACCELERATE_MIXED_PRECISION; "no" without any); the run's recipe.yaml records what was used
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     num_workers: int = 0
+    # threads per process on CPU; None: OMP_NUM_THREADS where set (not under `accelerate launch`), else the
+    # cores this process may use, shared by its machine's processes (distill.mechanics.cpu_threads)
+    cpu_threads: int | None = None
     # torch.compile each transformer block of student and teacher; auto: on for CUDA, off on CPUs (where it
     # measured no gain and costs a minute of compilation)
     compile: bool | Literal["auto"] = "auto"
@@ -213,6 +216,8 @@ class TrainConfig:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two in [0, 1)")
         require(self.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0")
+        require(self.cpu_threads is None or self.cpu_threads > 0, "train.cpu_threads",
+                "must be > 0 (or null: the cores this process may use, shared by its processes)")
         require(self.eps > 0, "train.eps", "must be > 0")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         require_seed(self.seed, "train.seed")
@@ -322,6 +327,7 @@ class FinetuneTrainConfig:
     clip_grad_norm: float = 1.0
     seed: int = 42
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: Accelerate's choice (see TrainConfig)
+    cpu_threads: int | None = None  # threads per process on CPU (see TrainConfig)
     eval_every: int | None = None  # steps; default: once per epoch
     patience: int = 2  # evaluations without validation improvement before stopping
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
@@ -333,6 +339,8 @@ class FinetuneTrainConfig:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(self.patience >= 1, "train.patience", "must be >= 1")
         require(self.clip_grad_norm > 0, "train.clip_grad_norm", "must be > 0")
+        require(self.cpu_threads is None or self.cpu_threads > 0, "train.cpu_threads",
+                "must be > 0 (or null: the cores this process may use, shared by its processes)")
         require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         require_seed(self.seed, "train.seed")
 

@@ -17,6 +17,7 @@ from distill.mechanics import (
     parameter_groups,
     require_finite,
 )
+from distill.recipes import RecipeError
 
 
 def tiny_bert():
@@ -114,6 +115,8 @@ def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
     from distill import mechanics
 
     before = torch.get_num_threads()
+    for name in ("OMP_NUM_THREADS", "ACCELERATE_MIXED_PRECISION", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     try:
         if hasattr(os, "sched_getaffinity"):
             assert mechanics.available_cores() == len(os.sched_getaffinity(0))
@@ -125,6 +128,61 @@ def test_cpu_threads_follow_the_cores_this_process_may_use(monkeypatch):
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_threads_honour_the_recipe_then_a_users_omp_num_threads_then_share_the_cores(monkeypatch, caplog):
+    """Two jobs started side by side with OMP_NUM_THREADS=1 run one thread each (the kit used to override it with
+    the share of all cores: 2 x 2 threads on 2 cores); the recipe's train.cpu_threads wins over everything; under
+    `accelerate launch`, whose OMP_NUM_THREADS=1 is its own default, the cores are shared; oversubscribing the
+    cores gets one warning line."""
+    import logging
+    import os
+    from types import SimpleNamespace
+
+    from distill import mechanics
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for name in ("OMP_NUM_THREADS", "ACCELERATE_MIXED_PRECISION", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        assert mechanics.cpu_threads(1) == (4, "4 cores this process may use / 1 processes")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert mechanics.cpu_threads(1) == (1, "OMP_NUM_THREADS")
+        with caplog.at_level(logging.INFO, logger="distill.mechanics"):
+            assert mechanics.share_cpu_cores(cpu) == 1 == torch.get_num_threads()
+        assert "CPU: 1 thread per process (OMP_NUM_THREADS)" in caplog.text
+        assert mechanics.cpu_threads(1, requested=3) == (3, "train.cpu_threads")
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # started by accelerate launch: its OMP_NUM_THREADS
+        assert mechanics.cpu_threads(2) == (2, "4 cores this process may use / 2 processes")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # this machine's processes, not the world's
+        assert mechanics.share_cpu_cores(SimpleNamespace(device=torch.device("cpu"), num_processes=8)) == 1
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="distill.mechanics"):
+            assert mechanics.share_cpu_cores(cpu, requested=2) == 2 == torch.get_num_threads()
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warned == ["4 processes x 2 threads (train.cpu_threads) exceed the 4 cores this process may use: "
+                          "steps will be slower than with fewer threads"]
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        for bad in ("0", "two", "-1"):
+            monkeypatch.setenv("OMP_NUM_THREADS", bad)
+            with pytest.raises(RecipeError, match=f"OMP_NUM_THREADS='{bad}' is not a positive number of threads"):
+                mechanics.cpu_threads(1)
+        # a GPU run leaves the threads alone
+        torch.set_num_threads(3)
+        assert mechanics.share_cpu_cores(SimpleNamespace(device=torch.device("cuda"), num_processes=1)) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_cpu_threads_must_be_positive():
+    from distill.recipes import FinetuneTrainConfig, TrainConfig
+
+    assert TrainConfig(cpu_threads=2).cpu_threads == 2 and TrainConfig().cpu_threads is None
+    for config in (TrainConfig, FinetuneTrainConfig):
+        with pytest.raises(RecipeError, match=r"train.cpu_threads must be > 0 \(or null"):
+            config(cpu_threads=0)
 
 
 def test_latency_has_at_least_three_blocks_per_model_even_for_slow_calls():
