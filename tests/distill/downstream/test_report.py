@@ -288,7 +288,7 @@ ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its na
                                    "hidden-mse-w300", "attn-kl", "minilmv2")],
     "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"])
                     for v in ("triple", "no-ce", "no-cos", "reverse-kl", "jsd", "no-mlm", "hidden-mse-w100",
-                              "hidden-mse-w300", "minilmv2", "random-init")],
+                              "hidden-mse-w300", "attn-kl", "minilmv2", "random-init")],
     "hidden-MSE weight, seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None)  # held-out MLM only
                                        for v in ("hidden-mse-w100", "hidden-mse-w300")],
     "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
