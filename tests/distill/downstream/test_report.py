@@ -293,6 +293,7 @@ ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its na
                               "minilmv2", "random-init")],
     "hidden-MSE weight, seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None)  # held-out MLM only
                                        for v in ("hidden-mse-w100", "hidden-mse-w300", "hidden-mse-w1000")],
+    "attention KL, seeds 56-59": [(v, [v, f"{v}-seed57", f"{v}-seed58", f"{v}-seed59"]) for v in ("triple", "attn-kl")],
     "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
                           ("triple, task-distilled", ["triple", "triple-seed57", "triple-seed58"], "-topics-kd")],
 }
