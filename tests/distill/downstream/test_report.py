@@ -285,7 +285,7 @@ ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its na
     # the suffix of their fine-tunes' records: <record><suffix>/results.json, "-topics" unless given, None: none)
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
                                    "reverse-kl", "jsd", "hidden-mse", "hidden-mse-w10", "hidden-mse-w100",
-                                   "hidden-mse-w300", "attn-kl", "minilmv2")],
+                                   "hidden-mse-w300", "hidden-mse-w1000", "attn-kl", "minilmv2")],
     "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None if v in ("hidden-mse-w10", "hidden-mse-w1000")
                      else "-topics")  # weights 10 and 1000: distilled only (held-out MLM)
                     for v in ("triple", "no-ce", "no-cos", "reverse-kl", "jsd", "no-mlm", "hidden-mse",
