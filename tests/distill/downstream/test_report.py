@@ -286,12 +286,12 @@ ABLATION_TABLES = {  # the README's tables of the ablation set: a row is (its na
     "seed 56": [(v, [v]) for v in ("triple", "triple-seed57", "no-ce", "no-cos", "no-mlm", "random-init",
                                    "reverse-kl", "jsd", "hidden-mse", "hidden-mse-w10", "hidden-mse-w100",
                                    "hidden-mse-w300", "hidden-mse-w1000", "attn-kl", "minilmv2")],
-    "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None if v in ("hidden-mse-w10", "hidden-mse-w1000")
-                     else "-topics")  # weights 10 and 1000: distilled only (held-out MLM)
+    "seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None if v == "hidden-mse-w10"
+                     else "-topics")  # weight 10: distilled only (held-out MLM)
                     for v in ("triple", "no-ce", "no-cos", "reverse-kl", "jsd", "no-mlm", "hidden-mse",
                               "hidden-mse-w10", "hidden-mse-w100", "hidden-mse-w300", "hidden-mse-w1000", "attn-kl",
                               "minilmv2", "random-init")],
-    "hidden-MSE weight, seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"], None)  # held-out MLM only
+    "hidden-MSE weight, seeds 56-58": [(v, [v, f"{v}-seed57", f"{v}-seed58"])
                                        for v in ("hidden-mse-w100", "hidden-mse-w300", "hidden-mse-w1000")],
     "attention KL, seeds 56-59": [(v, [v, f"{v}-seed57", f"{v}-seed58", f"{v}-seed59"]) for v in ("triple", "attn-kl")],
     "task distillation": [("triple, fine-tuned", ["triple", "triple-seed57", "triple-seed58"]),
